@@ -1,0 +1,307 @@
+"""
+Learnable-beta DPO: the beta head, the DPO loss and the model that ties them to a policy.
+
+    beta(x; pi) = w * PPL_pi(x) * f(h_pi(x)),   f(h) = 1 + eps * tanh(NN(h))
+    L = -E[ log sigmoid( beta(x) * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))] ) ]
+
+PPL is the policy's perplexity of the prompt and h its last-layer hidden state at the last
+prompt token. Both are read from the same forward pass that scores chosen and rejected (causal
+attention makes the prompt positions of `prompt + response` identical to the prompt alone), so
+a learnable beta costs no extra forward pass.
+
+Everything here is device- and precision-agnostic: train.py and evaluate.py decide those.
+"""
+
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+
+# -----------------------------------------------------------------------------
+# pure functions of tensors
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each next token. logits (B, T, V), input_ids (B, T) -> (B, T-1), fp32.
+
+    Entry t is log p(input_ids[t+1] | input_ids[:t+1]). Logits are upcast to fp32 before the
+    log-softmax: in bf16 the normaliser of a 150k vocabulary loses whole nats.
+    """
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    return torch.gather(logits.log_softmax(-1), 2, targets).squeeze(-1)
+
+
+def masked_ppl(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Perplexity of the tokens selected by `mask`. logps (B, T-1) from token_logps, mask (B, T) -> (B,).
+
+    A token counts when it and the token before it are both selected, so the first selected
+    token (which has no context inside the selection) is excluded. The mean is over the counted
+    tokens only: padding never changes the value. A selection of one token has PPL 1.
+    """
+    m = (mask[:, 1:] * mask[:, :-1]).to(logps.dtype)
+    nll = -(logps * m).sum(-1) / m.sum(-1).clamp(min=1)
+    return nll.exp()
+
+
+def last_token_hidden(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state at the last selected position of each row. hidden (B, T, H), mask (B, T) -> (B, H).
+
+    Works for left and right padding: the index is the largest t with mask[t] == 1.
+    """
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask.long() * positions).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO loss (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7), per example.
+
+    All log-prob inputs are (B,) sums over response tokens. `beta` is a float or a (B,) tensor;
+    the function never knows whether beta was learned. Learnable-beta DPO departs from the paper
+    only in that: beta is a per-prompt tensor and, if it carries a graph, the loss trains it.
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards are detached.
+    """
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = reference_chosen_logps - reference_rejected_logps
+    logits = pi_logratios - ref_logratios
+    losses = -F.logsigmoid(beta * logits)
+    chosen_rewards = (beta * (policy_chosen_logps - reference_chosen_logps)).detach()
+    rejected_rewards = (beta * (policy_rejected_logps - reference_rejected_logps)).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+# -----------------------------------------------------------------------------
+# the beta head
+
+
+class BetaHead(nn.Module):
+    """beta = w * ppl * (1 + epsilon * tanh(NN(context_embedding))).
+
+    forward(context_embedding (B, H), ppl (B,)) -> beta (B,), fp32.
+
+    Range: for ppl > 0, beta lies in [w * ppl * (1 - eps), w * ppl * (1 + eps)] and is strictly
+    positive, because w is stored as log_w and used as w = exp(log_w) > 0 (a raw w could cross 0
+    and silently flip which response is preferred) and epsilon must be in [0, 1).
+
+    NN is a linear layer (nn_structure="linear") or a one-hidden-layer GELU MLP ("mlp"). Its last
+    layer starts at zero, so f(h) = 1 at step 0 and beta starts as w * ppl.
+    """
+
+    def __init__(self, hidden_size: int, nn_structure: str = "linear", epsilon: float = 0.1,
+                 mlp_hidden_size: int = 256, init_w: float = 1.0):
+        super().__init__()
+        if not 0.0 <= epsilon < 1.0:
+            raise ValueError(f"epsilon must be in [0, 1) so that f(h) > 0; got {epsilon}")
+        if init_w <= 0:
+            raise ValueError(f"init_w must be > 0; got {init_w}")
+        self.hidden_size, self.nn_structure, self.epsilon = hidden_size, nn_structure, epsilon
+        self.mlp_hidden_size = mlp_hidden_size
+        self.log_w = nn.Parameter(torch.tensor(math.log(init_w)))
+        if nn_structure == "linear":
+            self.nn = nn.Linear(hidden_size, 1)
+        elif nn_structure == "mlp":
+            self.nn = nn.Sequential(nn.Linear(hidden_size, mlp_hidden_size), nn.GELU(),
+                                    nn.Linear(mlp_hidden_size, 1))
+        else:
+            raise ValueError(f"nn_structure must be 'linear' or 'mlp'; got {nn_structure!r}")
+        last = self.nn if nn_structure == "linear" else self.nn[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    @property
+    def w(self) -> torch.Tensor:
+        return self.log_w.exp()
+
+    def forward(self, context_embedding: torch.Tensor, ppl: torch.Tensor) -> torch.Tensor:
+        f = 1 + self.epsilon * torch.tanh(self.nn(context_embedding.float()).squeeze(-1))
+        return self.w * ppl.float() * f
+
+    @torch.no_grad()
+    def rescale_(self, context_embedding: torch.Tensor, ppl: torch.Tensor, target_mean: float) -> None:
+        """Set w so that the mean beta over these inputs equals target_mean (beta is linear in w)."""
+        self.log_w += math.log(target_mean) - self(context_embedding, ppl).mean().log()
+
+    def config(self) -> dict:
+        return dict(hidden_size=self.hidden_size, nn_structure=self.nn_structure,
+                    epsilon=self.epsilon, mlp_hidden_size=self.mlp_hidden_size)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write beta_head.safetensors (weights, with the config in its metadata)."""
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, "beta_head.safetensors"),
+                  metadata={"config": json.dumps(self.config())})
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "BetaHead":
+        path = os.path.join(directory, "beta_head.safetensors")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{directory} has no beta_head.safetensors: it is not a "
+                                    "learnable-beta checkpoint (use --beta_mode fixed for it)")
+        with safe_open(path, "pt") as f:
+            head = cls(**json.loads(f.metadata()["config"]))
+        head.load_state_dict(load_file(path))
+        return head
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class DynamicBetaDPOModel(nn.Module):
+    """A policy, an optional BetaHead and a frozen reference, computing the DPO loss.
+
+    beta_head=None is plain DPO with beta = `beta` everywhere, through the same code path.
+    The reference is kept outside the module tree (so it is never in state_dict(), the optimizer
+    or a DDP wrapper); `reference_model=None` requires reference log-probs in every batch.
+
+    Learnable-beta controls:
+      beta_min, beta_max   beta is clamped to this range (the clamped fraction is reported);
+      beta_reg             adds beta_reg * mean((log beta_raw - log beta)^2) to the loss, a pull
+                           back to the fixed beta that also acts on clamped values;
+      beta_grad_to_policy  False (default): PPL and h are detached, so the policy cannot lower
+                           the loss by changing its own prompt perplexity to move beta.
+    """
+
+    def __init__(self, policy_model: nn.Module, beta_head: BetaHead | None = None,
+                 reference_model: nn.Module | None = None, beta: float = 0.1,
+                 beta_min: float = 0.0, beta_max: float = math.inf, beta_reg: float = 0.0,
+                 beta_grad_to_policy: bool = False):
+        super().__init__()
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0; got {beta}")
+        if not beta_min < beta_max:
+            raise ValueError(f"need beta_min < beta_max; got {beta_min} and {beta_max}")
+        self.policy_model = policy_model
+        self.beta_head = beta_head
+        self.__dict__["reference_model"] = reference_model  # not a submodule, see docstring
+        self.beta, self.beta_min, self.beta_max = beta, beta_min, beta_max
+        self.beta_reg, self.beta_grad_to_policy = beta_reg, beta_grad_to_policy
+
+    # --- the spec's methods: the prompt on its own -------------------------------------------
+
+    def _prompt_stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        logits, hidden = run_model(self.policy_model, input_ids, attention_mask)
+        logps = token_logps(logits, input_ids)
+        return masked_ppl(logps, attention_mask), last_token_hidden(hidden, attention_mask)
+
+    def compute_ppl(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Policy perplexity of each prompt. input_ids, attention_mask (B, T) -> (B,)."""
+        return self._prompt_stats(input_ids, attention_mask)[0]
+
+    def get_dynamic_beta(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """beta(x) for each prompt, clamped to [beta_min, beta_max]. (B, T) -> (B,).
+
+        Training does not call this: forward() reads the same PPL and h from its one forward.
+        """
+        ppl, h = self._prompt_stats(input_ids, attention_mask)
+        return self.beta_from(ppl, h)[0]
+
+    def beta_from(self, ppl: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clamped beta, raw beta), each (B,) fp32, from prompt PPL (B,) and hidden state (B, H)."""
+        if self.beta_head is None:
+            beta = torch.full_like(ppl, self.beta, dtype=torch.float32)
+            return beta, beta
+        if not self.beta_grad_to_policy:
+            ppl, h = ppl.detach(), h.detach()
+        raw = self.beta_head(h, ppl)
+        return raw.clamp(self.beta_min, self.beta_max), raw
+
+    # --- training / evaluation -----------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                prompt_mask: torch.Tensor, reference_logps: torch.Tensor | None = None):
+        """One DPO step's loss. All inputs (2B, T): rows [:B] are chosen, rows [B:] rejected.
+
+        loss_mask selects response tokens, prompt_mask the prompt tokens (identical in both
+        halves). reference_logps (2B,) is an optional precomputed reference cache.
+        Returns (loss, stats) where stats holds detached (B,) tensors for summarize().
+        """
+        B = input_ids.shape[0] // 2
+        logits, hidden = run_model(self.policy_model, input_ids, attention_mask)
+        logps = token_logps(logits, input_ids)
+        seq_logps = (logps * loss_mask[:, 1:]).sum(-1)
+        # PPL and h of the prompt, read from the chosen half of the same forward
+        ppl = masked_ppl(logps[:B], prompt_mask[:B])
+        h = last_token_hidden(hidden[:B], prompt_mask[:B])
+        beta, raw_beta = self.beta_from(ppl, h)
+
+        if reference_logps is None:
+            if self.reference_model is None:
+                raise ValueError("no reference model and no reference_logps in the batch")
+            with torch.no_grad():
+                ref_logits, _ = run_model(self.reference_model, input_ids, attention_mask)
+                reference_logps = (token_logps(ref_logits, input_ids) * loss_mask[:, 1:]).sum(-1)
+
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            seq_logps[:B], seq_logps[B:], reference_logps[:B], reference_logps[B:], beta)
+        loss = losses.mean()
+        if self.beta_head is not None and self.beta_reg > 0:
+            # Learnable-beta departure: a pull of log beta towards log beta_0 against the runaway
+            loss = loss + self.beta_reg * (raw_beta.log() - math.log(self.beta)).pow(2).mean()
+
+        stats = dict(
+            losses=losses.detach(),
+            chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+            policy_chosen_logps=seq_logps[:B].detach(), policy_rejected_logps=seq_logps[B:].detach(),
+            reference_chosen_logps=reference_logps[:B].detach(),
+            reference_rejected_logps=reference_logps[B:].detach(),
+            beta=beta.detach(), raw_beta=raw_beta.detach(), ppl=ppl.detach(),
+        )
+        return loss, stats
+
+
+def run_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """One forward of a Hugging Face causal LM -> (logits (B, T, V), last hidden state (B, T, H)).
+
+    Position ids are derived from the mask, so left- and right-padded rows give the same values.
+    The last entry of hidden_states is taken after the final norm (the input of lm_head).
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=True, use_cache=False)
+    return out.logits, out.hidden_states[-1]
+
+
+def summarize(stats: dict[str, torch.Tensor], beta0: float, beta_min: float = 0.0,
+              beta_max: float = math.inf) -> dict[str, float]:
+    """Scalar metrics from forward()'s per-example stats (possibly concatenated over batches).
+
+    Names follow TRL's DPOTrainer. rewards/* use the beta that trained; rewards_beta0/* use the
+    fixed beta0, so runs with different beta modes compare. Accuracy is beta-independent.
+    """
+    s = {k: v.float() for k, v in stats.items()}
+    chosen_lr = s["policy_chosen_logps"] - s["reference_chosen_logps"]
+    rejected_lr = s["policy_rejected_logps"] - s["reference_rejected_logps"]
+    margin0 = beta0 * (chosen_lr - rejected_lr)
+    out = {
+        "loss": s["losses"].mean(),
+        "loss_beta0": -F.logsigmoid(margin0).mean(),
+        "rewards/chosen": s["chosen_rewards"].mean(),
+        "rewards/rejected": s["rejected_rewards"].mean(),
+        "rewards/accuracies": (s["chosen_rewards"] > s["rejected_rewards"]).float().mean(),
+        "rewards/margins": (s["chosen_rewards"] - s["rejected_rewards"]).mean(),
+        "rewards_beta0/chosen": (beta0 * chosen_lr).mean(),
+        "rewards_beta0/rejected": (beta0 * rejected_lr).mean(),
+        "rewards_beta0/margins": margin0.mean(),
+        "logps/chosen": s["policy_chosen_logps"].mean(),
+        "logps/rejected": s["policy_rejected_logps"].mean(),
+        "beta/clamped_frac": ((s["raw_beta"] < beta_min) | (s["raw_beta"] > beta_max)).float().mean(),
+    }
+    for name in ("beta", "ppl"):
+        v = s[name]
+        out.update({f"{name}/mean": v.mean(), f"{name}/std": v.std(unbiased=False),
+                    f"{name}/min": v.min(), f"{name}/max": v.max()})
+    return {k: float(v) for k, v in out.items()}

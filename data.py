@@ -1,0 +1,429 @@
+"""
+Preference data: reading, normalising, tokenising, batching.
+
+Row formats accepted (one dataset may not mix them):
+  {"prompt", "chosen_response", "rejected_response"}   the design card's names
+  {"prompt", "chosen", "rejected"}                     strings, or lists of chat messages
+  {"chosen", "rejected"}                               implicit prompt: full dialogues (or message
+                                                       lists) sharing a prefix, as in HH-RLHF
+Sources: a .json/.jsonl/.csv/.parquet file (optionally .gz), a directory written by
+datasets.save_to_disk, a hub dataset name, or "demo" (a generated toy set, see make_demo_pairs).
+
+Tokenisation. With a chat template (the default when the tokenizer has one) the prompt is
+rendered with add_generation_prompt=True and the response is what the template adds for one
+assistant turn (it ends with EOS; EOS is appended when the template adds none). Without one the
+prompt is raw text and the response is `text + EOS`. A templated text already holds its BOS, so
+it is tokenised without special tokens (no double BOS).
+
+Truncation rule (that of the original DPO code): a prompt longer than max_prompt_length keeps
+its LAST max_prompt_length tokens (the turn being answered); then responses are cut so that
+prompt + response <= max_length. Both are counted in the data report.
+
+Bad rows are skipped and counted by reason (strict=True raises instead, naming the row).
+"""
+
+import csv
+import gzip
+import io
+import json
+import os
+import random
+import re
+from collections import Counter
+
+import torch
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message says what to change."""
+
+
+class BadRow(Exception):
+    """One row that cannot be used; str(e) is the reason (a short key + detail)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+
+def _open_text(path: str):
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
+
+
+def read_file(path: str) -> list[dict]:
+    """Rows of a local .json, .jsonl, .csv or .parquet file (each optionally .gz)."""
+    if not os.path.exists(path):
+        raise DataError(f"data file {path!r} does not exist")
+    base = path[:-3] if path.endswith(".gz") else path
+    ext = os.path.splitext(base)[1].lower()
+    try:
+        if ext == ".parquet":
+            import pyarrow.parquet as pq
+            if path.endswith(".gz"):
+                with gzip.open(path, "rb") as f:
+                    return pq.read_table(io.BytesIO(f.read())).to_pylist()
+            return pq.read_table(path).to_pylist()
+        with _open_text(path) as f:
+            if ext == ".csv":
+                return list(csv.DictReader(f))
+            if ext == ".jsonl":
+                rows = []
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                                        "fix or delete that line") from None
+                return rows
+            if ext == ".json":
+                try:
+                    obj = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file, or "
+                                    "use .jsonl for one row per line") from None
+                if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+                    obj = next(iter(obj.values()))  # {"data": [...]}
+                if not isinstance(obj, list):
+                    raise DataError(f"{path}: expected a JSON list of rows (or {{'data': [...]}})")
+                return obj
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+    raise DataError(f"{path}: unknown extension {ext!r}; use .json, .jsonl, .csv or .parquet (optionally .gz)")
+
+
+def load_rows(source: str, split: str = "train", config: str | None = None,
+              data_dir: str | None = None) -> list[dict]:
+    """Rows from a file, a save_to_disk directory, a hub dataset, or "demo"."""
+    if source == "demo":
+        return make_demo_pairs(split=split)
+    if os.path.isfile(source):
+        return read_file(source)
+    if os.path.isdir(source):
+        import datasets
+        try:
+            ds = datasets.load_from_disk(source)
+        except FileNotFoundError:
+            raise DataError(f"{source!r} is a directory but not one written by datasets.save_to_disk") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{source!r} has splits {list(ds)}, not {split!r}; pass --split/--eval_split")
+            ds = ds[split]
+        return ds.to_list()
+    if source.startswith((".", "/", "~")) or source.endswith((".json", ".jsonl", ".csv", ".parquet", ".gz")):
+        raise DataError(f"data path {source!r} does not exist")
+    import datasets  # a hub name: the only case that touches the network
+    ds = datasets.load_dataset(source, config, data_dir=data_dir, split=split)
+    return ds.to_list()
+
+
+# -----------------------------------------------------------------------------
+# normalising rows to (prompt, chosen, rejected)
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _hh_to_messages(text: str) -> list[dict] | None:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{'role': 'user', ...}, {'role': 'assistant', ...}]."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def _split_messages(chosen: list[dict], rejected: list[dict]):
+    """Implicit prompt for message lists: all but a final differing assistant message."""
+    if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
+        raise BadRow("no_shared_prompt", "chosen and rejected must differ only in the last message")
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise BadRow("no_assistant_response", "the last message must be the assistant's")
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
+def normalize_row(row) -> tuple[str | list[dict], str, str]:
+    """(prompt, chosen, rejected): prompt a string or message list, responses strings."""
+    if not isinstance(row, dict):
+        raise BadRow("not_a_mapping", f"got {type(row).__name__}")
+    if "chosen_response" in row or "rejected_response" in row:
+        keys = ("prompt", "chosen_response", "rejected_response")
+    elif "prompt" in row:
+        keys = ("prompt", "chosen", "rejected")
+    else:
+        keys = ("chosen", "rejected")
+    missing = [k for k in keys if k not in row or row[k] is None]
+    if missing:
+        raise BadRow("missing_field", f"missing {missing}; have {sorted(row)}")
+    values = [row[k] for k in keys]
+    for k, v in zip(keys, values):
+        if not (isinstance(v, str) or _is_messages(v)):
+            raise BadRow("not_text", f"{k!r} is {type(v).__name__}, not a string or message list")
+
+    if len(keys) == 2:  # implicit prompt
+        chosen, rejected = values
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            c, r = _hh_to_messages(chosen), _hh_to_messages(rejected)
+            if c is not None and r is not None:
+                chosen, rejected = c, r
+            else:
+                k = len(os.path.commonprefix([chosen, rejected]))
+                k = chosen.rfind(" ", 0, k + 1) + 1 if k < len(chosen) else k  # back off to a word start
+                prompt, c, r = chosen[:k], chosen[k:], rejected[k:]
+                chosen, rejected = None, None
+        if chosen is not None:
+            if not (_is_messages(chosen) and _is_messages(rejected)):
+                raise BadRow("mixed_formats", "chosen and rejected must both be strings or message lists")
+            prompt, c, r = _split_messages(chosen, rejected)
+    else:
+        prompt, c, r = values
+        if _is_messages(c):  # conversational responses: the assistant's last message
+            c = c[-1]["content"]
+        if _is_messages(r):
+            r = r[-1]["content"]
+        if isinstance(prompt, str) and _hh_to_messages(prompt) is not None:
+            prompt = prompt.rstrip()
+            prompt = _hh_to_messages(prompt[:-len("Assistant:")] if prompt.endswith("Assistant:") else prompt)
+
+    for name, text in (("chosen", c), ("rejected", r)):
+        if not isinstance(text, str) or not text.strip():
+            raise BadRow("empty_text", f"{name} response is empty")
+    if (isinstance(prompt, str) and not prompt.strip()) or (isinstance(prompt, list) and not prompt):
+        raise BadRow("empty_text", "prompt is empty")
+    if c.strip() == r.strip():
+        raise BadRow("chosen_equals_rejected", "chosen and rejected responses are identical")
+    return prompt, c, r
+
+
+# -----------------------------------------------------------------------------
+# tokenising
+
+
+def _as_messages(prompt: str | list[dict]) -> list[dict]:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def _as_text(prompt: str | list[dict]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt) + "\n\nAssistant:"
+
+
+def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, max_length: int,
+                  max_prompt_length: int, use_chat_template: bool = True) -> tuple[dict, list[str]]:
+    """Token ids of one pair -> ({prompt_ids, chosen_ids, rejected_ids}, [events]).
+
+    chosen_ids / rejected_ids are the response tokens only. events lists what truncation did.
+    """
+    eos = tokenizer.eos_token_id
+    templated = use_chat_template and tokenizer.chat_template is not None
+    if templated:
+        msgs = _as_messages(prompt)
+        prompt_text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        responses = []
+        for text in (chosen, rejected):
+            full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": text}], tokenize=False)
+            responses.append(full[len(prompt_text):] if full.startswith(prompt_text) else text)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_text = _as_text(prompt)
+        prompt_ids = tokenizer(prompt_text)["input_ids"]
+        joined = prompt_text.endswith((" ", "\n"))  # else a space separates prompt and response
+        responses = [t if joined else " " + t.lstrip() for t in (chosen, rejected)]
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(prompt_ids) > 1 and prompt_ids[0] == bos and prompt_ids[1] == bos:
+        prompt_ids = prompt_ids[1:]  # a template's BOS plus the tokenizer's
+    resp_ids = []
+    for text in responses:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if eos not in ids:
+            ids = ids + [eos]
+        resp_ids.append(ids)
+
+    events = []
+    if len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        events.append("prompt_truncated")
+    room = max_length - len(prompt_ids)
+    for i in range(2):
+        if len(resp_ids[i]) > room:
+            resp_ids[i] = resp_ids[i][:room]
+            events.append("response_truncated")
+    if resp_ids[0] == resp_ids[1]:
+        raise BadRow("identical_after_truncation",
+                     f"responses agree on their first {room} tokens; raise --max_length")
+    return dict(prompt_ids=prompt_ids, chosen_ids=resp_ids[0], rejected_ids=resp_ids[1]), events
+
+
+def build_examples(rows: list, tokenizer, max_length: int, max_prompt_length: int,
+                   use_chat_template: bool = True, strict: bool = False, name: str = "data"):
+    """Tokenised examples and a report {rows, kept, skipped: {reason: n}, truncated: {...}, ...}."""
+    if max_prompt_length >= max_length:
+        raise DataError(f"--max_prompt_length ({max_prompt_length}) must be < --max_length ({max_length}) "
+                        "to leave room for a response")
+    examples, skipped, events, first_bad = [], Counter(), Counter(), {}
+    for i, row in enumerate(rows):
+        try:
+            prompt, c, r = normalize_row(row)
+            ex, ev = tokenize_pair(tokenizer, prompt, c, r, max_length, max_prompt_length, use_chat_template)
+        except BadRow as e:
+            if strict:
+                raise DataError(f"{name} row {i}: {e} (drop --strict_data to skip such rows)") from None
+            skipped[e.reason] += 1
+            first_bad.setdefault(e.reason, f"row {i}: {e}")
+            continue
+        examples.append(ex)
+        events.update(ev)
+    if not examples:
+        raise DataError(f"{name}: no usable rows out of {len(rows)} (skipped: {dict(skipped)}; "
+                        f"first problems: {first_bad})")
+    lengths = sorted(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+    report = dict(rows=len(rows), kept=len(examples), skipped=dict(skipped), first_skipped=first_bad,
+                  truncation=dict(events), max_pair_tokens=lengths[-1],
+                  median_pair_tokens=lengths[len(lengths) // 2])
+    return examples, report
+
+
+def split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval) by a seeded shuffle; the split depends only on (len(rows), fraction, seed)."""
+    idx = list(range(len(rows)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, round(fraction * len(rows)))
+    if n_eval >= len(rows):
+        raise DataError(f"--eval_fraction {fraction} leaves no training rows out of {len(rows)}")
+    return [rows[i] for i in idx[n_eval:]], [rows[i] for i in idx[:n_eval]]
+
+
+def load_splits(source: str, split: str, eval_split: str | None, eval_fraction: float, seed: int,
+                config: str | None = None, data_dir: str | None = None) -> tuple[list, list]:
+    """(train rows, eval rows): eval_split names a split of source (or a file), else a seeded
+    eval_fraction of the train split is held out."""
+    rows = load_rows(source, split, config, data_dir)
+    if eval_split:
+        return rows, load_rows(eval_split if os.path.exists(eval_split) else source, eval_split, config, data_dir)
+    return split_eval(rows, eval_fraction, seed)
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+
+def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
+    """Pairs -> one batch for the concatenated forward. Every tensor is (2B, T); rows [:B] are
+    prompt+chosen and rows [B:] prompt+rejected. loss_mask marks response tokens, prompt_mask
+    prompt tokens. Reference log-probs, when the examples carry them, come as (2B,)."""
+    seqs, loss, prompt = [], [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for e in examples:
+            p, r = e["prompt_ids"], e[key]
+            seqs.append(p + r)
+            loss.append([0] * len(p) + [1] * len(r))
+            prompt.append([1] * len(p) + [0] * len(r))
+    T = max(len(s) for s in seqs)
+
+    def pad(rows, value):
+        if padding_side == "right":
+            return torch.tensor([r + [value] * (T - len(r)) for r in rows])
+        return torch.tensor([[value] * (T - len(r)) + r for r in rows])
+
+    batch = dict(input_ids=pad(seqs, pad_token_id), attention_mask=pad([[1] * len(s) for s in seqs], 0),
+                 loss_mask=pad(loss, 0), prompt_mask=pad(prompt, 0))
+    if "reference_chosen_logps" in examples[0]:
+        batch["reference_logps"] = torch.tensor([e["reference_chosen_logps"] for e in examples] +
+                                                [e["reference_rejected_logps"] for e in examples])
+    return batch
+
+
+class PairBatchSampler(torch.utils.data.Sampler):
+    """Deterministic batches for one process: epoch e is a permutation seeded by (seed, e); a
+    global batch of batch_size * num_processes pairs is cut into per-process slices. Starting at
+    `start_batch` (global batches since the start of training) resumes the exact data order.
+    The last incomplete global batch of each epoch is dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, num_processes: int = 1, rank: int = 0,
+                 start_batch: int = 0, shuffle: bool = True):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.num_processes, self.rank, self.start_batch = num_processes, rank, start_batch
+        self.per_epoch = n // (batch_size * num_processes)
+        if self.per_epoch == 0:
+            raise DataError(f"{n} pairs cannot fill one global batch of {batch_size} x {num_processes} "
+                            "processes; lower --batch_size or add data")
+
+    def __iter__(self):
+        b = self.start_batch
+        while True:  # endless: the training loop decides when to stop
+            epoch, k = divmod(b, self.per_epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+            G = self.batch_size * self.num_processes
+            start = k * G + self.rank * self.batch_size
+            yield perm[start:start + self.batch_size].tolist()
+            b += 1
+
+
+def eval_batches(examples: list[dict], batch_size: int, num_processes: int = 1, rank: int = 0):
+    """Index lists covering examples in order, sharded across processes (the tail is padded by
+    repeating the last pair; callers trim gathered results to len(examples))."""
+    idx = list(range(len(examples)))
+    G = batch_size * num_processes
+    idx += [idx[-1]] * ((-len(idx)) % G)
+    for s in range(0, len(idx), G):
+        yield idx[s + rank * batch_size: s + (rank + 1) * batch_size]
+
+
+# -----------------------------------------------------------------------------
+# the demo set
+
+
+_ACTIVITIES = [
+    "baking bread", "running a 10k", "learning the guitar", "growing tomatoes", "painting with watercolors",
+    "writing a cover letter", "studying for an exam", "planning a road trip", "cooking rice", "saving money",
+    "learning to swim", "keeping a journal", "training a puppy", "making coffee", "fixing a flat tire",
+    "starting a podcast", "learning Spanish", "sleeping better", "meal prepping", "hiking in the rain",
+    "decluttering a closet", "taking better photos", "giving a speech", "knitting a scarf", "brewing tea",
+    "learning chess", "cleaning a bike chain", "painting a room", "writing a poem", "learning to juggle",
+    "repotting a plant", "making pancakes", "organizing a desk", "learning to code", "stretching after a run",
+    "baking cookies", "reading more books", "camping with kids", "building a birdhouse", "drawing portraits",
+    "learning to dance", "making soup", "washing a car", "practicing piano", "sewing a button",
+    "setting up an aquarium", "making a budget", "learning to ski", "grilling vegetables", "writing a story",
+]
+_ASKS = ["Can you give me a tip for {a}?", "Any advice on {a}?", "How do I get better at {a}?",
+         "I want to try {a}. Where should I start?", "What is one thing that helps with {a}?"]
+_OPENERS = ["Sure!", "Of course!", "Happy to help!", "Great question!", "Glad you asked!"]
+_TIPS = ["Start small with {a} and practice a little every day.",
+         "For {a}, pick one simple goal and build from there.",
+         "Set aside a regular time for {a} and keep notes on what works.",
+         "With {a}, patience matters more than talent, so take it step by step.",
+         "Ask someone experienced in {a} to show you the basics."]
+_CLOSERS = ["Good luck!", "You can do it!", "Have fun with it!", "I hope this helps."]
+_REFUSALS = ["No. Figure out {a} yourself.", "That is a boring question about {a}.",
+             "Why would I help you with {a}? Go away.", "I do not care about {a}.",
+             "Stop asking me about {a}, it is a waste of my time."]
+
+
+def make_demo_pairs(split: str = "train", n: int | None = None, seed: int = 1234) -> list[dict]:
+    """A generated toy preference set for the offline quickstart: helpful, friendly answers are
+    chosen over dismissive ones. The split is by activity (train: the first 40, test: the last
+    10), so held-out accuracy measures generalisation to unseen prompts, not memorisation."""
+    acts = _ACTIVITIES[:40] if split == "train" else _ACTIVITIES[40:]
+    n = n if n is not None else (480 if split == "train" else 60)
+    rng = random.Random(f"{seed}-{split}")
+    rows = []
+    for _ in range(n):
+        a = rng.choice(acts)
+        rows.append(dict(
+            prompt=rng.choice(_ASKS).format(a=a),
+            chosen=f"{rng.choice(_OPENERS)} {rng.choice(_TIPS).format(a=a)} {rng.choice(_CLOSERS)}",
+            rejected=rng.choice(_REFUSALS).format(a=a),
+        ))
+    return rows

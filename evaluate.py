@@ -1,0 +1,120 @@
+"""
+Evaluate a checkpoint on held-out preference pairs.
+
+    python evaluate.py --ckpt runs/demo/final
+    python evaluate.py --ckpt runs/hh/final --dataset Anthropic/hh-rlhf --split test --max_examples 500
+    accelerate launch --multi_gpu --num_processes 8 evaluate.py --ckpt runs/hh/final
+
+Reloads the policy (and BetaHead, for learnable runs) from the checkpoint and the reference
+from the run's starting model, then reports DPO loss, reward accuracy, rewards and margins
+(with the fixed beta0 and with the beta the run used) and beta / PPL statistics. Prints a table
+and writes eval.json and eval.md into the checkpoint directory.
+By default the data are the run's own held-out split, rebuilt from its run_config.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from beta_head import BetaHead, DynamicBetaDPOModel, summarize
+from data import DataError, build_examples, collate, eval_batches, load_rows, load_splits
+from model_loader import choose_precision, frozen_copy, load_policy, load_tokenizer
+
+
+@torch.no_grad()
+def run_eval(model, examples: list[dict], batch_size: int, accelerator: Accelerator, pad_token_id: int,
+             progress: bool = False) -> dict[str, torch.Tensor]:
+    """Per-example stats of model.forward over examples, gathered from all processes, in order."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    batches = list(eval_batches(examples, batch_size, accelerator.num_processes, accelerator.process_index))
+    for idx in tqdm(batches, desc="eval", disable=not (progress and accelerator.is_main_process)):
+        batch = collate([examples[i] for i in idx], pad_token_id)
+        _, stats = model(**{k: v.to(accelerator.device) for k, v in batch.items()})
+        parts.append({k: accelerator.gather(v) for k, v in stats.items()})
+    model.train(was_training)
+    # each gathered batch is the global batch idx[s:s+G] in order; drop the tail padding
+    return {k: torch.cat([p[k] for p in parts])[:len(examples)].cpu() for k in parts[0]}
+
+
+def markdown_table(metrics: dict[str, float]) -> str:
+    rows = ["| metric | value |", "| --- | --- |"]
+    rows += [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint directory written by train.py (e.g. runs/NAME/final)")
+    p.add_argument("--dataset", default=None, help="evaluate on this dataset instead of the run's held-out split "
+                   "(file, save_to_disk dir, hub name or 'demo')")
+    p.add_argument("--split", default="test", help="split of --dataset to use")
+    p.add_argument("--dataset_config", default=None, help="hub dataset config name for --dataset")
+    p.add_argument("--dataset_data_dir", default=None, help="hub dataset data_dir for --dataset")
+    p.add_argument("--max_examples", type=int, default=0, help="use at most this many pairs (0 = all)")
+    p.add_argument("--batch_size", type=int, default=8, help="pairs per forward per process")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    args = p.parse_args(argv)
+
+    cfg_path = os.path.join(args.ckpt, "run_config.json")
+    if not os.path.exists(cfg_path):
+        sys.exit(f"error: {args.ckpt} has no run_config.json; pass a checkpoint directory written by "
+                 "train.py (runs/NAME/final or runs/NAME/checkpoints/step_N)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+
+    accelerator = Accelerator(mixed_precision=choose_precision(args.precision, torch.cuda.is_available()))
+    tokenizer = load_tokenizer(args.ckpt)
+    try:
+        if args.dataset is None:  # the run's own held-out data, rebuilt exactly as train.py did
+            rows = load_splits(cfg["dataset"], cfg["split"], cfg["eval_split"], cfg["eval_fraction"],
+                               cfg["seed"], cfg["dataset_config"], cfg["dataset_data_dir"])[1]
+            rows = rows[:cfg["max_eval_examples"] or None]
+        else:
+            rows = load_rows(args.dataset, args.split, args.dataset_config, args.dataset_data_dir)
+        if args.max_examples:
+            rows = rows[:args.max_examples]
+        examples, report = build_examples(rows, tokenizer, cfg["max_length"], cfg["max_prompt_length"],
+                                          not cfg["no_chat_template"], name="eval data")
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+    policy = load_policy(args.ckpt)
+    reference = frozen_copy(load_policy(cfg["model_name_or_path"], cfg["gguf_file"], cfg["trust_remote_code"]))
+    head = BetaHead.from_pretrained(args.ckpt) if cfg["beta_mode"] == "learnable" else None
+    model = DynamicBetaDPOModel(policy, head, reference.to(accelerator.device), beta=cfg["beta"],
+                                beta_min=cfg["beta_min"], beta_max=cfg["beta_max"])
+    model = accelerator.prepare(model)
+
+    stats = run_eval(model, examples, args.batch_size, accelerator, tokenizer.pad_token_id, progress=True)
+    metrics = summarize(stats, cfg["beta"], cfg["beta_min"], cfg["beta_max"])
+    # KL(pi || ref) on the chosen responses is not observable from pairs; report the mean
+    # log-ratio of both responses as a drift measure instead.
+    metrics["logratio/chosen"] = float((stats["policy_chosen_logps"] - stats["reference_chosen_logps"]).mean())
+    metrics["logratio/rejected"] = float((stats["policy_rejected_logps"] - stats["reference_rejected_logps"]).mean())
+    metrics["pairs"] = len(examples)
+    if head is not None:
+        metrics["beta_head/w"] = head.w.item()
+
+    if accelerator.is_main_process:
+        md = (f"# Evaluation of `{args.ckpt}`\n\n{len(examples)} held-out pairs "
+              f"(skipped {report['skipped']}), beta_mode={cfg['beta_mode']}, beta0={cfg['beta']}.\n\n"
+              + markdown_table(metrics))
+        print(md)
+        with open(os.path.join(args.ckpt, "eval.json"), "w") as f:
+            json.dump(dict(metrics=metrics, data_report=report, args=vars(args)), f, indent=2)
+        with open(os.path.join(args.ckpt, "eval.md"), "w") as f:
+            f.write(md)
+        print(f"wrote {os.path.join(args.ckpt, 'eval.json')} and eval.md")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

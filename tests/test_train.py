@@ -122,3 +122,26 @@ def test_refuses_to_overwrite_another_run(tiny_qwen2_dir, tmp_path):
     (out / "config.json").write_text("{}")
     with pytest.raises(DataError, match="already holds a run"):
         train.main(common(tiny_qwen2_dir, out, "--max_steps", "1"))
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tiny_qwen2_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *common(tiny_qwen2_dir, out, "--max_steps", "500", "--log_every_steps", "1")]
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(train.__file__), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "--resume_from auto" in output
+    ckpts = train.complete_checkpoints(str(out))
+    assert len(ckpts) == 1 and not (out / "final").exists()
+    step = torch.load(os.path.join(ckpts[0], "trainer_state.pt"), weights_only=True)["step"]
+    assert 1 <= step < 500

@@ -148,8 +148,8 @@ class BetaHead(nn.Module):
     def from_pretrained(cls, directory: str) -> "BetaHead":
         path = os.path.join(directory, "beta_head.safetensors")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{directory} has no beta_head.safetensors: it is not a "
-                                    "learnable-beta checkpoint (use --beta_mode fixed for it)")
+            raise FileNotFoundError(f"{directory} has no beta_head.safetensors: it is not a learnable-beta "
+                                    "checkpoint, or the file was lost (its run_config.json says learnable)")
         with safe_open(path, "pt") as f:
             head = cls(**json.loads(f.metadata()["config"]))
         head.load_state_dict(load_file(path))

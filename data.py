@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import zlib
 from collections import Counter
 
 import torch
@@ -95,6 +96,8 @@ def read_file(path: str) -> list[dict]:
                 return obj
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a valid gzip file ({e}); re-compress it or drop the .gz") from None
     raise DataError(f"{path}: unknown extension {ext!r}; use .json, .jsonl, .csv or .parquet (optionally .gz)")
 
 
@@ -271,6 +274,8 @@ def build_examples(rows: list, tokenizer, max_length: int, max_prompt_length: in
     if max_prompt_length >= max_length:
         raise DataError(f"--max_prompt_length ({max_prompt_length}) must be < --max_length ({max_length}) "
                         "to leave room for a response")
+    if not rows:
+        raise DataError(f"{name}: the dataset is empty; check --dataset and --split")
     examples, skipped, events, first_bad = [], Counter(), Counter(), {}
     for i, row in enumerate(rows):
         try:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from beta_head import BetaHead, DynamicBetaDPOModel, summarize
 from data import DataError, build_examples, collate, eval_batches, load_rows, load_splits
-from model_loader import choose_precision, frozen_copy, load_policy, load_tokenizer
+from model_loader import frozen_copy, load_policy, load_tokenizer, make_accelerator
 
 
 @torch.no_grad()
@@ -70,7 +70,7 @@ def main(argv=None):
     with open(cfg_path) as f:
         cfg = json.load(f)
 
-    accelerator = Accelerator(mixed_precision=choose_precision(args.precision, torch.cuda.is_available()))
+    accelerator = make_accelerator(args.precision)
     tokenizer = load_tokenizer(args.ckpt)
     if args.dataset is None:  # the run's own held-out data, rebuilt exactly as train.py did
         rows = load_splits(cfg["dataset"], cfg["split"], cfg["eval_split"], cfg["eval_fraction"],

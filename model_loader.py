@@ -11,7 +11,7 @@ a local directory, a directory plus `gguf_file`, or one of the offline names bel
 benchmarks of the DeepSeek-R1-Distill-Qwen architecture without its weights.
 
 Policies are always loaded in fp32: these are the master weights. Mixed precision (bf16
-autocast) is train.py's choice, made in one place, `choose_precision`.
+autocast) and the device are decided in one place, `make_accelerator`.
 """
 
 import copy
@@ -19,6 +19,7 @@ import importlib.util
 import os
 
 import torch
+from accelerate import Accelerator
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -33,6 +34,8 @@ EMBEDDED_MODELS = {
 def resolve(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Map an offline model name to (directory, gguf file); other names pass through."""
     if name_or_path not in EMBEDDED_MODELS:
+        if name_or_path.startswith(("/", ".", "~")) and not os.path.exists(name_or_path):
+            raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
         return name_or_path, gguf_file
     package, filename, install = EMBEDDED_MODELS[name_or_path]
     spec = importlib.util.find_spec(package)
@@ -110,6 +113,13 @@ def choose_precision(requested: str, use_cuda: bool) -> str:
     if requested == "auto":
         return "bf16" if use_cuda else "no"
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[requested]
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    """Device and precision, decided here once: CUDA when present, else CPU (with gloo across
+    processes under torchrun / accelerate launch, which accelerate only does when told cpu=True)."""
+    use_cuda = torch.cuda.is_available()
+    return Accelerator(cpu=not use_cuda, mixed_precision=choose_precision(precision, use_cuda))
 
 
 def build_tiny_qwen2(out_dir: str, tokenizer_dir: str, hidden_size: int = 64, num_layers: int = 2,

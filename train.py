@@ -30,13 +30,12 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 
 from beta_head import BetaHead, DynamicBetaDPOModel, summarize
 from data import DataError, PairBatchSampler, build_examples, collate, load_splits
 from evaluate import run_eval
-from model_loader import DEFAULT_MODEL, choose_precision, frozen_copy, load_policy, load_tokenizer
+from model_loader import DEFAULT_MODEL, frozen_copy, load_policy, load_tokenizer, make_accelerator
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -144,24 +143,31 @@ def save_checkpoint(path: str, model: DynamicBetaDPOModel, optimizer, tokenizer,
     and is renamed into place with a COMPLETED marker; an old `path` is replaced only then."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.policy_model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if model.beta_head is not None:
-        model.beta_head.save_pretrained(tmp)
-    torch.save(dict(state, optimizer=optimizer.state_dict(), rng=dict(
-        python=random.getstate(), torch=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])),
-        os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, "run_config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    open(os.path.join(tmp, "COMPLETED"), "w").close()
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        model.policy_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if model.beta_head is not None:
+            model.beta_head.save_pretrained(tmp)
+        torch.save(dict(state, optimizer=optimizer.state_dict(), rng=dict(
+            python=random.getstate(), torch=torch.get_rng_state(),
+            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])),
+            os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "run_config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        open(os.path.join(tmp, "COMPLETED"), "w").close()
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
+        raise
     old = path + ".old"
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)  # make the rename itself durable
+    os.fsync(fd)
+    os.close(fd)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -186,6 +192,16 @@ def resolve_resume(args) -> str | None:
     return args.resume_from
 
 
+def check_resume(resume: str, args) -> None:
+    """A checkpoint continues only the run it came from: same starting model and beta mode."""
+    with open(os.path.join(resume, "run_config.json")) as f:
+        saved = json.load(f)
+    for key in ("model_name_or_path", "gguf_file", "beta_mode", "nn_structure"):
+        if saved.get(key) != getattr(args, key):
+            raise DataError(f"checkpoint {resume} has {key}={saved.get(key)!r} but this run has "
+                            f"{getattr(args, key)!r}; pass --{key} {saved.get(key)} or start a new run")
+
+
 def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -200,14 +216,18 @@ def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:
 
 def main(argv=None):
     args = get_args(argv)
-    accelerator = Accelerator(mixed_precision=choose_precision(args.precision, torch.cuda.is_available()),
-                              gradient_accumulation_steps=1)  # we accumulate by hand, below
+    accelerator = make_accelerator(args.precision)  # gradient accumulation is done by hand, below
     main_process = accelerator.is_main_process
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise DataError(f"{accelerator.distributed_type.name} is not supported yet (the BetaHead calibration, the "
+                        "reference model and checkpointing assume whole replicas); use DDP: configs/ddp.yaml")
     log = accelerator.print
     run_dir = args.output_dir
 
     # --- run directory: never clobber another run -------------------------------------------
     resume = resolve_resume(args)
+    if resume:
+        check_resume(resume, args)
     if (os.path.exists(os.path.join(run_dir, "config.json")) and resume is None
             and args.resume_from is None and not args.overwrite_output_dir):
         raise DataError(f"{run_dir} already holds a run; pass --resume_from auto to continue it, "
@@ -220,9 +240,9 @@ def main(argv=None):
         f"mixed precision: {accelerator.mixed_precision} (fp32 master weights)")
 
     # --- data ---------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(args.model_name_or_path, args.gguf_file, args.trust_remote_code)
     train_rows, eval_rows = load_splits(args.dataset, args.split, args.eval_split, args.eval_fraction,
                                         args.seed, args.dataset_config, args.dataset_data_dir)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.gguf_file, args.trust_remote_code)
     train_rows = train_rows[:args.max_train_examples or None]
     eval_rows = eval_rows[:args.max_eval_examples or None]
     build = partial(build_examples, tokenizer=tokenizer, max_length=args.max_length,
@@ -273,11 +293,11 @@ def main(argv=None):
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 
-    step = 0
+    step, skipped_steps = 0, 0
     if resume:
         state = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step, skipped_steps = state["step"], state["skipped_steps"]
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"]:
@@ -331,8 +351,12 @@ def main(argv=None):
     def save(path: str):
         accelerator.wait_for_everyone()
         if main_process:
-            save_checkpoint(path, raw_model, optimizer, tokenizer,
-                            dict(step=step, examples_seen=step * global_batch), args)
+            try:
+                save_checkpoint(path, raw_model, optimizer, tokenizer,
+                                dict(step=step, examples_seen=step * global_batch, skipped_steps=skipped_steps), args)
+            except OSError as e:
+                raise DataError(f"could not write checkpoint {path} ({e.strerror or e}); earlier complete "
+                                f"checkpoints are untouched: {complete_checkpoints(run_dir)}") from None
             if args.save_total_limit and "checkpoints" in path:
                 for old in complete_checkpoints(run_dir)[:-args.save_total_limit]:
                     shutil.rmtree(old)
@@ -373,6 +397,7 @@ def main(argv=None):
                           math.sqrt(sum(float(p.grad.pow(2).sum()) for p in hp.nn.parameters() if p.grad is not None)))
         if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
             bad_steps += 1
+            skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)
             log(f"step {step}: non-finite loss {loss_sum} or grad norm {float(grad_norm)}; update skipped "
                 f"({bad_steps} in a row)")
@@ -394,7 +419,7 @@ def main(argv=None):
             elapsed = time.time() - t0
             metrics.update({"grad_norm": float(grad_norm), "lr/policy": optimizer.param_groups[0]["lr"],
                             "tokens_per_s": tokens * accelerator.num_processes / elapsed,
-                            "examples_seen": step * global_batch})
+                            "examples_seen": step * global_batch, "skipped_steps": skipped_steps})
             if head is not None:
                 hp = raw_model.beta_head
                 metrics.update({"lr/beta_head": optimizer.param_groups[-1]["lr"], "beta_head/w": hp.w.item(),

@@ -126,8 +126,10 @@ class BetaHead(nn.Module):
         return self.log_w.exp()
 
     def forward(self, context_embedding: torch.Tensor, ppl: torch.Tensor) -> torch.Tensor:
-        f = 1 + self.epsilon * torch.tanh(self.nn(context_embedding.float()).squeeze(-1))
-        return self.w * ppl.float() * f
+        # always fp32, also inside a bf16 autocast region: bf16 would quantise f to ~25 levels
+        with torch.autocast(context_embedding.device.type, enabled=False):
+            f = 1 + self.epsilon * torch.tanh(self.nn(context_embedding.float()).squeeze(-1))
+            return self.w * ppl.float() * f
 
     @torch.no_grad()
     def rescale_(self, context_embedding: torch.Tensor, ppl: torch.Tensor, target_mean: float) -> None:
@@ -165,7 +167,7 @@ class DynamicBetaDPOModel(nn.Module):
 
     beta_head=None is plain DPO with beta = `beta` everywhere, through the same code path.
     The reference is kept outside the module tree (so it is never in state_dict(), the optimizer
-    or a DDP wrapper); `reference_model=None` requires reference log-probs in every batch.
+    or a DDP wrapper); the caller places it on the device.
 
     Learnable-beta controls:
       beta_min, beta_max   beta is clamped to this range (the clamped fraction is reported);
@@ -222,11 +224,11 @@ class DynamicBetaDPOModel(nn.Module):
     # --- training / evaluation -----------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                prompt_mask: torch.Tensor, reference_logps: torch.Tensor | None = None):
+                prompt_mask: torch.Tensor):
         """One DPO step's loss. All inputs (2B, T): rows [:B] are chosen, rows [B:] rejected.
 
-        loss_mask selects response tokens, prompt_mask the prompt tokens (identical in both
-        halves). reference_logps (2B,) is an optional precomputed reference cache.
+        loss_mask selects response tokens, prompt_mask the prompt tokens (the same tokens in both
+        halves, at the same positions under right padding). PPL and h come from the chosen half.
         Returns (loss, stats) where stats holds detached (B,) tensors for summarize().
         """
         B = input_ids.shape[0] // 2
@@ -238,12 +240,9 @@ class DynamicBetaDPOModel(nn.Module):
         h = last_token_hidden(hidden[:B], prompt_mask[:B])
         beta, raw_beta = self.beta_from(ppl, h)
 
-        if reference_logps is None:
-            if self.reference_model is None:
-                raise ValueError("no reference model and no reference_logps in the batch")
-            with torch.no_grad():
-                ref_logits, _ = run_model(self.reference_model, input_ids, attention_mask)
-                reference_logps = (token_logps(ref_logits, input_ids) * loss_mask[:, 1:]).sum(-1)
+        with torch.no_grad():
+            ref_logits, _ = run_model(self.reference_model, input_ids, attention_mask)
+            reference_logps = (token_logps(ref_logits, input_ids) * loss_mask[:, 1:]).sum(-1)
 
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             seq_logps[:B], seq_logps[B:], reference_logps[:B], reference_logps[B:], beta)

@@ -15,9 +15,10 @@ assistant turn (it ends with EOS; EOS is appended when the template adds none). 
 prompt is raw text and the response is `text + EOS`. A templated text already holds its BOS, so
 it is tokenised without special tokens (no double BOS).
 
-Truncation rule (that of the original DPO code): a prompt longer than max_prompt_length keeps
-its LAST max_prompt_length tokens (the turn being answered); then responses are cut so that
-prompt + response <= max_length. Both are counted in the data report.
+Truncation rule: a prompt longer than max_prompt_length keeps its LAST max_prompt_length
+tokens (the turn being answered), whatever the response length; then responses are cut so that
+prompt + response <= max_length. Both are counted in the data report. A response ends at its
+first EOS (anything a template adds after it, such as a newline, is dropped).
 
 Bad rows are skipped and counted by reason (strict=True raises instead, naming the row).
 """
@@ -236,7 +237,10 @@ def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, max_length: int
         responses = []
         for text in (chosen, rejected):
             full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": text}], tokenize=False)
-            responses.append(full[len(prompt_text):] if full.startswith(prompt_text) else text)
+            if not full.startswith(prompt_text):  # e.g. a template that stamps the date
+                raise BadRow("template_mismatch", "the chat template renders prompt + response so that it "
+                             "does not start with the rendered prompt; try --no_chat_template")
+            responses.append(full[len(prompt_text):])
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     else:
         prompt_text = _as_text(prompt)
@@ -249,8 +253,7 @@ def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, max_length: int
     resp_ids = []
     for text in responses:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos not in ids:
-            ids = ids + [eos]
+        ids = ids[:ids.index(eos) + 1] if eos in ids else ids + [eos]
         resp_ids.append(ids)
 
     events = []
@@ -326,7 +329,7 @@ def load_splits(source: str, split: str, eval_split: str | None, eval_fraction: 
 def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
     """Pairs -> one batch for the concatenated forward. Every tensor is (2B, T); rows [:B] are
     prompt+chosen and rows [B:] prompt+rejected. loss_mask marks response tokens, prompt_mask
-    prompt tokens. Reference log-probs, when the examples carry them, come as (2B,)."""
+    prompt tokens."""
     seqs, loss, prompt = [], [], []
     for key in ("chosen_ids", "rejected_ids"):
         for e in examples:
@@ -343,9 +346,6 @@ def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right"
 
     batch = dict(input_ids=pad(seqs, pad_token_id), attention_mask=pad([[1] * len(s) for s in seqs], 0),
                  loss_mask=pad(loss, 0), prompt_mask=pad(prompt, 0))
-    if "reference_chosen_logps" in examples[0]:
-        batch["reference_logps"] = torch.tensor([e["reference_chosen_logps"] for e in examples] +
-                                                [e["reference_rejected_logps"] for e in examples])
     return batch
 
 
@@ -356,8 +356,8 @@ class PairBatchSampler(torch.utils.data.Sampler):
     The last incomplete global batch of each epoch is dropped."""
 
     def __init__(self, n: int, batch_size: int, seed: int, num_processes: int = 1, rank: int = 0,
-                 start_batch: int = 0, shuffle: bool = True):
-        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+                 start_batch: int = 0):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
         self.num_processes, self.rank, self.start_batch = num_processes, rank, start_batch
         self.per_epoch = n // (batch_size * num_processes)
         if self.per_epoch == 0:
@@ -369,7 +369,7 @@ class PairBatchSampler(torch.utils.data.Sampler):
         while True:  # endless: the training loop decides when to stop
             epoch, k = divmod(b, self.per_epoch)
             g = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+            perm = torch.randperm(self.n, generator=g)
             G = self.batch_size * self.num_processes
             start = k * G + self.rank * self.batch_size
             yield perm[start:start + self.batch_size].tolist()

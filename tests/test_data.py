@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import HH_PAIRS
 
-from data import (DataError, PairBatchSampler, build_examples, collate, load_rows, make_demo_pairs,
+from data import (BadRow, DataError, PairBatchSampler, build_examples, collate, load_rows, make_demo_pairs,
                   normalize_row, read_file, tokenize_pair)
 
 ROWS = [dict(prompt="What is 2+2?", chosen="4", rejected="5"),
@@ -49,7 +49,7 @@ def test_real_hh_rows_normalise():
     for row in rows[:200]:
         try:
             prompt, c, r = normalize_row(row)
-        except Exception:
+        except BadRow:
             continue
         ok += 1
         assert prompt[-1]["role"] == "user" and c != r
@@ -234,3 +234,15 @@ def test_demo_split_is_by_activity():
     assert not topics(train) & topics(test)
     assert make_demo_pairs("train") == train  # deterministic
     assert torch.tensor([len(r["chosen"]) for r in train]).float().mean() > 40
+
+
+def test_hub_dataset_arguments_are_passed_through(monkeypatch):
+    import datasets
+    seen = {}
+
+    def fake_load_dataset(name, config=None, data_dir=None, split=None):
+        seen.update(name=name, config=config, data_dir=data_dir, split=split)
+        return datasets.Dataset.from_list(ROWS)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_rows("Anthropic/hh-rlhf", "test", None, "harmless-base") == ROWS
+    assert seen == dict(name="Anthropic/hh-rlhf", config=None, data_dir="harmless-base", split="test")

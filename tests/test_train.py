@@ -2,6 +2,7 @@
 exact resume, and flag errors."""
 
 import json
+import math
 import os
 import shutil
 
@@ -145,3 +146,39 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_qwen2_dir, tmp_path):
     assert len(ckpts) == 1 and not (out / "final").exists()
     step = torch.load(os.path.join(ckpts[0], "trainer_state.pt"), weights_only=True)["step"]
     assert 1 <= step < 500
+
+
+def test_lr_schedule():
+    f = train.lr_factor
+    assert [f(s, 10, 2, "cosine") for s in (0, 1)] == [0.5, 1.0]  # linear warmup
+    assert f(2, 10, 2, "cosine") == pytest.approx(1.0) and f(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert f(9, 10, 2, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert f(6, 10, 2, "linear") == pytest.approx(0.5) and f(9, 10, 0, "constant") == 1.0
+
+
+def test_bf16_autocast_on_cpu_trains_with_fp32_master_weights(tiny_qwen2_dir, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "bf16"  # own process: accelerate fixes the precision once per process
+    subprocess.run([sys.executable, "train.py", *common(tiny_qwen2_dir, out, "--beta_mode", "learnable", "--max_steps",
+                    "2", "--precision", "bf16", "--log_every_steps", "1")],
+                   cwd=os.path.dirname(train.__file__), check=True, capture_output=True, timeout=300)
+    first = [json.loads(x) for x in open(out / "metrics.jsonl") if '"train"' in x][0]
+    # the reference runs under the same autocast: policy == reference at step 0 exactly
+    assert first["rewards/margins"] == 0.0 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # calibration: the first batch's mean beta is beta0
+    assert first["beta/mean"] == pytest.approx(0.1, rel=1e-2)
+    w = load_file(str(out / "final" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in w.values())
+
+
+def test_resume_applies_new_learning_rate_and_refuses_new_data_order(tiny_qwen2_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(common(tiny_qwen2_dir, out, "--max_steps", "4", "--save_every_steps", "2", "--lr_scheduler", "constant",
+                      "--warmup_ratio", "0"))
+    with pytest.raises(DataError, match="has batch_size=2 but this run has 4"):
+        train.main(common(tiny_qwen2_dir, out, "--max_steps", "6", "--resume_from", "auto", "--batch_size", "4"))
+    train.main(common(tiny_qwen2_dir, out, "--max_steps", "6", "--resume_from", "auto", "--policy_lr", "1e-4",
+                      "--lr_scheduler", "constant", "--warmup_ratio", "0"))
+    state = torch.load(out / "final" / "trainer_state.pt", weights_only=True)
+    assert {g["lr"] for g in state["optimizer"]["param_groups"]} == {1e-4}

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
 
 
@@ -27,15 +28,36 @@ from safetensors.torch import load_file, save_file
 # pure functions of tensors
 
 
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Log-prob of each next token. logits (B, T, V), input_ids (B, T) -> (B, T-1), fp32.
+CHUNK_TOKENS = 512  # positions per lm_head chunk: 512 x 151,936 fp32 logits = 311 MB transient
 
-    Entry t is log p(input_ids[t+1] | input_ids[:t+1]). Logits are upcast to fp32 before the
-    log-softmax: in bf16 the normaliser of a 150k vocabulary loses whole nats.
+
+def _chunk_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(h, weight, bias).float()  # fp32 before the normaliser: bf16 loses whole nats
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logps(hidden: torch.Tensor, lm_head: nn.Linear, input_ids: torch.Tensor,
+                needed: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each next token, only where needed. hidden (B, T, H) final hidden states,
+    input_ids (B, T), needed (B, T-1) bool -> (B, T-1) fp32, zero where not needed.
+
+    Entry t is log p(input_ids[t+1] | input_ids[:t+1]) = log_softmax(lm_head(hidden[t]))[input_ids[t+1]].
+    The [B, T, V] logits are never materialised: the needed positions go through lm_head in
+    chunks of CHUNK_TOKENS, and under autograd each chunk's logits are recomputed in backward
+    instead of stored, so memory grows with B*T*H, not B*T*V.
     """
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    return torch.gather(logits.log_softmax(-1), 2, targets).squeeze(-1)
+    h = hidden[:, :-1][needed]
+    targets = input_ids[:, 1:][needed]
+    track = torch.is_grad_enabled() and (h.requires_grad or lm_head.weight.requires_grad)
+    parts = []
+    for i in range(0, h.shape[0], CHUNK_TOKENS):
+        args = (h[i:i + CHUNK_TOKENS], lm_head.weight, lm_head.bias, targets[i:i + CHUNK_TOKENS])
+        parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if track else _chunk_logps(*args))
+    out = torch.zeros(needed.shape, dtype=torch.float32, device=hidden.device)
+    if parts:
+        out = out.masked_scatter(needed, torch.cat(parts))
+    return out
 
 
 def masked_ppl(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -195,8 +217,9 @@ class DynamicBetaDPOModel(nn.Module):
     # --- the spec's methods: the prompt on its own -------------------------------------------
 
     def _prompt_stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        logits, hidden = run_model(self.policy_model, input_ids, attention_mask)
-        logps = token_logps(logits, input_ids)
+        hidden = run_model(self.policy_model, input_ids, attention_mask)
+        needed = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+        logps = token_logps(hidden, self.policy_model.get_output_embeddings(), input_ids, needed)
         return masked_ppl(logps, attention_mask), last_token_hidden(hidden, attention_mask)
 
     def compute_ppl(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -223,26 +246,46 @@ class DynamicBetaDPOModel(nn.Module):
 
     # --- training / evaluation -----------------------------------------------------------------
 
+    @torch.no_grad()
+    def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        loss_mask: torch.Tensor) -> torch.Tensor:
+        """Sequence log-probs (N,) of the response tokens under the reference. With no reference
+        model and a LoRA (peft) policy, the reference is the policy with its adapters disabled."""
+        if self.reference_model is not None:
+            ref = self.reference_model
+            hidden = run_model(ref, input_ids, attention_mask)
+        elif hasattr(self.policy_model, "disable_adapter"):
+            ref = self.policy_model
+            with ref.disable_adapter():
+                hidden = run_model(ref, input_ids, attention_mask)
+        else:
+            raise ValueError("no reference: pass reference_model, a LoRA policy, or reference_logps")
+        response = loss_mask[:, 1:].bool()
+        return (token_logps(hidden, ref.get_output_embeddings(), input_ids, response) * response).sum(-1)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                prompt_mask: torch.Tensor):
+                prompt_mask: torch.Tensor, reference_logps: torch.Tensor | None = None):
         """One DPO step's loss. All inputs (2B, T): rows [:B] are chosen, rows [B:] rejected.
 
         loss_mask selects response tokens, prompt_mask the prompt tokens (the same tokens in both
         halves, at the same positions under right padding). PPL and h come from the chosen half.
+        reference_logps (2B,), when given (a precomputed cache), replaces the reference forward.
         Returns (loss, stats) where stats holds detached (B,) tensors for summarize().
         """
         B = input_ids.shape[0] // 2
-        logits, hidden = run_model(self.policy_model, input_ids, attention_mask)
-        logps = token_logps(logits, input_ids)
-        seq_logps = (logps * loss_mask[:, 1:]).sum(-1)
+        hidden = run_model(self.policy_model, input_ids, attention_mask)
+        response = loss_mask[:, 1:].bool()
+        prompt = (prompt_mask[:, 1:] * prompt_mask[:, :-1]).bool()
+        prompt[B:] = False  # the rejected half's prompt repeats the chosen half's
+        logps = token_logps(hidden, self.policy_model.get_output_embeddings(), input_ids, response | prompt)
+        seq_logps = (logps * response).sum(-1)
         # PPL and h of the prompt, read from the chosen half of the same forward
         ppl = masked_ppl(logps[:B], prompt_mask[:B])
         h = last_token_hidden(hidden[:B], prompt_mask[:B])
         beta, raw_beta = self.beta_from(ppl, h)
 
-        with torch.no_grad():
-            ref_logits, _ = run_model(self.reference_model, input_ids, attention_mask)
-            reference_logps = (token_logps(ref_logits, input_ids) * loss_mask[:, 1:]).sum(-1)
+        if reference_logps is None:
+            reference_logps = self.reference_logps(input_ids, attention_mask, loss_mask)
 
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             seq_logps[:B], seq_logps[B:], reference_logps[:B], reference_logps[B:], beta)
@@ -262,16 +305,18 @@ class DynamicBetaDPOModel(nn.Module):
         return loss, stats
 
 
-def run_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """One forward of a Hugging Face causal LM -> (logits (B, T, V), last hidden state (B, T, H)).
+def run_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One forward of a Hugging Face causal LM -> final hidden states (B, T, H), without logits.
 
+    logits_to_keep=[] skips the lm_head (token_logps applies it in chunks to the positions it
+    needs); the last entry of hidden_states is the final norm's output, i.e. lm_head's input.
     Position ids are derived from the mask, so left- and right-padded rows give the same values.
-    The last entry of hidden_states is taken after the final norm (the input of lm_head).
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                output_hidden_states=True, use_cache=False)
-    return out.logits, out.hidden_states[-1]
+                output_hidden_states=True, use_cache=False, logits_to_keep=no_logits)
+    return out.hidden_states[-1]
 
 
 def summarize(stats: dict[str, torch.Tensor], beta0: float, beta_min: float = 0.0,

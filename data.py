@@ -329,7 +329,7 @@ def load_splits(source: str, split: str, eval_split: str | None, eval_fraction: 
 def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
     """Pairs -> one batch for the concatenated forward. Every tensor is (2B, T); rows [:B] are
     prompt+chosen and rows [B:] prompt+rejected. loss_mask marks response tokens, prompt_mask
-    prompt tokens."""
+    prompt tokens. Examples that carry cached reference log-probs add reference_logps (2B,)."""
     seqs, loss, prompt = [], [], []
     for key in ("chosen_ids", "rejected_ids"):
         for e in examples:
@@ -346,6 +346,9 @@ def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right"
 
     batch = dict(input_ids=pad(seqs, pad_token_id), attention_mask=pad([[1] * len(s) for s in seqs], 0),
                  loss_mask=pad(loss, 0), prompt_mask=pad(prompt, 0))
+    if "reference_chosen_logps" in examples[0]:  # a precomputed reference cache
+        batch["reference_logps"] = torch.tensor([e["reference_chosen_logps"] for e in examples] +
+                                                [e["reference_rejected_logps"] for e in examples])
     return batch
 
 

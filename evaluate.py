@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from beta_head import BetaHead, DynamicBetaDPOModel, summarize
 from data import DataError, build_examples, collate, eval_batches, load_rows, load_splits
-from model_loader import frozen_copy, load_policy, load_tokenizer, make_accelerator
+from model_loader import frozen_copy, is_lora_checkpoint, load_policy, load_tokenizer, make_accelerator
 
 
 @torch.no_grad()
@@ -84,10 +84,14 @@ def main(argv=None):
     examples, report = build_examples(rows, tokenizer, cfg["max_length"], cfg["max_prompt_length"],
                                       not cfg["no_chat_template"], name="eval data")
 
-    policy = load_policy(args.ckpt)
-    reference = frozen_copy(load_policy(cfg["model_name_or_path"], cfg["gguf_file"], cfg["trust_remote_code"]))
+    base = load_policy(cfg["model_name_or_path"], cfg["gguf_file"], cfg["trust_remote_code"])
+    if is_lora_checkpoint(args.ckpt):  # reference = the same model with its adapters disabled
+        from peft import PeftModel
+        policy, reference = PeftModel.from_pretrained(base, args.ckpt), None
+    else:
+        policy, reference = load_policy(args.ckpt), frozen_copy(base).to(accelerator.device)
     head = BetaHead.from_pretrained(args.ckpt) if cfg["beta_mode"] == "learnable" else None
-    model = DynamicBetaDPOModel(policy, head, reference.to(accelerator.device), beta=cfg["beta"],
+    model = DynamicBetaDPOModel(policy, head, reference, beta=cfg["beta"],
                                 beta_min=cfg["beta_min"], beta_max=cfg["beta_max"])
     model = accelerator.prepare(model)
 

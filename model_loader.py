@@ -97,6 +97,23 @@ def load_policy(name_or_path: str, gguf_file: str | None = None, trust_remote_co
     return model
 
 
+def add_lora(base, r: int, alpha: float, target_modules: str, adapter_dir: str | None = None):
+    """Wrap `base` with LoRA adapters (peft): new ones, or trainable ones loaded from adapter_dir.
+    The reference is then `base` itself with the adapters disabled, so no second copy exists."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    targets = target_modules if target_modules == "all-linear" else target_modules.split(",")
+    if "lm_head" in targets:
+        raise ValueError("--lora_target_modules must not include lm_head: log-probs read its base weight")
+    return get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                                           task_type="CAUSAL_LM"))
+
+
+def is_lora_checkpoint(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, "adapter_config.json"))
+
+
 def frozen_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The reference: a copy in eval mode with no gradients, optionally stored in a lower dtype."""
     ref = copy.deepcopy(model)

@@ -19,6 +19,7 @@ trainer_state.pt, run_config.json, COMPLETED).
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -34,9 +35,9 @@ import torch
 from tqdm import tqdm
 
 from beta_head import BetaHead, DynamicBetaDPOModel, summarize
-from data import DataError, PairBatchSampler, build_examples, collate, load_splits
+from data import DataError, PairBatchSampler, build_examples, collate, eval_batches, load_splits
 from evaluate import run_eval
-from model_loader import DEFAULT_MODEL, frozen_copy, load_policy, load_tokenizer, make_accelerator
+from model_loader import DEFAULT_MODEL, add_lora, frozen_copy, load_policy, load_tokenizer, make_accelerator
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -48,6 +49,14 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trust_remote_code", action="store_true", help="allow the model repo's own Python code (off: Qwen2 needs none)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute the policy's layer activations in backward (less memory, ~30%% slower)")
+    p.add_argument("--lora_r", type=int, default=0, help="LoRA rank (0 = full fine-tuning); the reference is then the policy with adapters off")
+    p.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA alpha")
+    p.add_argument("--lora_target_modules", default="all-linear", help="comma-separated module names, or all-linear (LoRA only)")
+    p.add_argument("--merge_lora", action="store_true", help="also write final/merged/: the policy with adapters merged (LoRA only)")
+    p.add_argument("--precompute_ref", action="store_true",
+                   help="compute reference log-probs once (cached on disk, reused by later runs) and train without a reference model")
+    p.add_argument("--ref_cache_dir", default=os.path.join("runs", "ref_cache"), help="where --precompute_ref keeps its caches")
     # data
     p.add_argument("--dataset", default="Anthropic/hh-rlhf",
                    help="file (.json/.jsonl/.csv/.parquet[.gz]), save_to_disk dir, hub dataset, or 'demo'")
@@ -130,6 +139,10 @@ def check_args(args, p) -> None:
                  "max_eval_examples"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} must be >= 0; got {getattr(args, flag)}")
+    if (args.lora_r == 0) and args.merge_lora:
+        p.error("--merge_lora needs --lora_r > 0")
+    if args.lora_r < 0:
+        p.error(f"--lora_r must be >= 0; got {args.lora_r}")
     if not 0 <= args.warmup_ratio < 1:
         p.error(f"--warmup_ratio must be in [0, 1); got {args.warmup_ratio}")
     if args.beta_head_lr is not None and args.beta_head_lr <= 0:
@@ -210,10 +223,51 @@ def check_resume(resume: str, args) -> None:
     # the starting point, and what fixes the data order (a function of these and the step)
     for key in ("model_name_or_path", "gguf_file", "beta_mode", "nn_structure", "epsilon", "mlp_hidden_size",
                 "dataset", "split", "max_train_examples", "seed", "batch_size", "gradient_accumulation_steps",
-                "max_length", "max_prompt_length", "no_chat_template"):
+                "max_length", "max_prompt_length", "no_chat_template", "lora_r", "lora_alpha", "lora_target_modules"):
         if saved.get(key) != getattr(args, key):
             raise DataError(f"checkpoint {resume} has {key}={saved.get(key)!r} but this run has "
                             f"{getattr(args, key)!r}; pass --{key} {saved.get(key)} or start a new run")
+
+
+def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], args, accelerator, pad_token_id: int) -> None:
+    """Give every example its reference log-probs (reference_chosen_logps / _rejected_logps),
+    from a cache file keyed by the reference weights, the token ids (which fix data and
+    tokenisation) and the precision; computed in one pass when missing or not matching."""
+    ref = model.reference_model if model.reference_model is not None else model.policy_model
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
+    weights = [(n, p) for n, p in ref.named_parameters() if "lora_" not in n]  # the reference's own weights
+    fingerprint = "%.12e" % sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum()) for _, p in weights)
+    key = dict(model=args.model_name_or_path, gguf_file=args.gguf_file, weights=fingerprint, n_weights=len(weights),
+               precision=accelerator.mixed_precision, data=h.hexdigest(), pairs=len(examples))
+    path = os.path.join(args.ref_cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".pt")
+    cached = None
+    if os.path.exists(path):
+        try:
+            cached = torch.load(path, weights_only=True)
+            if cached["key"] != key or len(cached["chosen"]) != len(examples):
+                raise ValueError("its key does not match")
+            accelerator.print(f"reference cache hit: {path}")
+        except Exception as e:  # corrupt or foreign file: never use it
+            accelerator.print(f"reference cache {path} is unusable ({e}); recomputing")
+            cached = None
+    if cached is None:
+        parts = []
+        for idx in eval_batches(examples, args.eval_batch_size, accelerator.num_processes, accelerator.process_index):
+            b = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_token_id).items()}
+            with accelerator.autocast():
+                parts.append(accelerator.gather(model.reference_logps(b["input_ids"], b["attention_mask"], b["loss_mask"])
+                                                .view(2, -1).T.contiguous()))
+        logps = torch.cat(parts)[:len(examples)].cpu()
+        cached = dict(key=key, chosen=logps[:, 0].contiguous(), rejected=logps[:, 1].contiguous())
+        if accelerator.is_main_process:
+            os.makedirs(args.ref_cache_dir, exist_ok=True)
+            torch.save(cached, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        accelerator.print(f"reference cache written: {path} ({len(examples)} pairs)")
+    for e, c, r in zip(examples, cached["chosen"].tolist(), cached["rejected"].tolist()):
+        e["reference_chosen_logps"], e["reference_rejected_logps"] = c, r
 
 
 def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:
@@ -281,10 +335,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     base = load_policy(args.model_name_or_path, args.gguf_file, args.trust_remote_code)
-    # the reference keeps fp32 weights and runs under the same autocast as the policy, so that
-    # policy and reference give identical log-probs at step 0 (a bf16 copy would not)
-    reference = frozen_copy(base).to(accelerator.device)
-    policy = load_policy(resume) if resume else base
+    if args.lora_r:
+        policy, reference = add_lora(base, args.lora_r, args.lora_alpha, args.lora_target_modules, resume), None
+    else:
+        # the reference keeps fp32 weights and runs under the same autocast as the policy, so that
+        # policy and reference give identical log-probs at step 0 (a bf16 copy would not)
+        reference = frozen_copy(base).to(accelerator.device)
+        policy = load_policy(resume) if resume else base
+    if args.gradient_checkpointing:
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     head = None
     if args.beta_mode == "learnable":
         if resume:
@@ -294,12 +353,19 @@ def main(argv=None):
                             args.mlp_hidden_size)
     model = DynamicBetaDPOModel(policy, head, reference, args.beta, args.beta_min, args.beta_max,
                                 args.beta_reg, args.beta_grad_to_policy)
-    n_params = sum(p.numel() for p in policy.parameters())
-    log(f"policy {args.model_name_or_path}: {n_params / 1e6:.1f}M parameters; reference frozen "
-        f"({reference.dtype}); beta_mode {args.beta_mode}")
+    policy.to(accelerator.device)
+    if args.precompute_ref:  # then train with no reference model in memory
+        for examples in (train_examples, eval_examples):
+            add_reference_cache(model, examples, args, accelerator, tokenizer.pad_token_id)
+        model.__dict__["reference_model"] = reference = None
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    log(f"policy {args.model_name_or_path}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, "
+        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained; reference: "
+        f"{'cached log-probs' if args.precompute_ref else 'policy without adapters' if args.lora_r else 'frozen copy'}"
+        f"; beta_mode {args.beta_mode}")
 
-    decay = [p for p in policy.parameters() if p.dim() >= 2]
-    no_decay = [p for p in policy.parameters() if p.dim() < 2]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     groups = [dict(params=decay, lr=args.policy_lr, weight_decay=args.weight_decay),
               dict(params=no_decay, lr=args.policy_lr, weight_decay=0.0)]
     if head is not None:
@@ -336,8 +402,8 @@ def main(argv=None):
     train_iter = iter(loader)
 
     if head is not None and step == 0:
-        # w such that the mean beta over the first global batch is beta0: learnable and fixed runs
-        # start from the same average beta (f(h) = 1 at init, so only PPL spreads it).
+        # w such that the mean beta over the first batch (of every process) is beta0: learnable and
+        # fixed runs start from the same average beta (f(h) = 1 at init, so only PPL spreads it).
         b = to_device(next(iter(loader)))
         n = b["input_ids"].shape[0] // 2
         with torch.no_grad():
@@ -476,6 +542,11 @@ def main(argv=None):
 
     final_metrics = do_eval()
     save(os.path.join(run_dir, "final"))
+    if args.merge_lora and main_process:
+        merged = os.path.join(run_dir, "final", "merged")
+        raw_model.policy_model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
+        tokenizer.save_pretrained(merged)
+        log(f"wrote {merged}: the policy with LoRA merged, a plain Hugging Face model")
     if main_process:
         writer.close()
         metrics_file.close()

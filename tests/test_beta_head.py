@@ -253,9 +253,28 @@ def test_clamp_and_regulariser():
     assert loss_reg.item() == pytest.approx(loss.item() + reg.item(), rel=1e-5)
 
 
-def test_token_logps_fp32_from_bf16():
-    logits = torch.randn(2, 5, 11).to(torch.bfloat16)
-    ids = torch.randint(0, 11, (2, 5))
-    lp = token_logps(logits, ids)
-    assert lp.dtype == torch.float32 and lp.shape == (2, 4)
-    assert (lp <= 0).all()
+def test_chunked_logps_equal_plain_values_and_gradients(monkeypatch):
+    import beta_head
+    monkeypatch.setattr(beta_head, "CHUNK_TOKENS", 3)  # several chunks, one of them partial
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    ids = torch.randint(0, 50, (2, 6))
+    needed = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    lp = token_logps(hidden, head, ids, needed)
+    plain = head(hidden[:, :-1]).float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * needed
+    assert lp.dtype == torch.float32 and lp.shape == (2, 5)
+    assert torch.allclose(lp, plain, atol=1e-6)
+    assert (lp[~needed] == 0).all()
+    w = torch.randn(2, 5)
+    g_chunked = torch.autograd.grad((lp * w).sum(), (hidden, head.weight))
+    g_plain = torch.autograd.grad((plain * w).sum(), (hidden, head.weight))
+    for a, b in zip(g_chunked, g_plain):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_logps_from_bf16_hidden_are_fp32():
+    head = torch.nn.Linear(8, 50).to(torch.bfloat16)
+    hidden = torch.randn(2, 5, 8).to(torch.bfloat16)
+    lp = token_logps(hidden, head, torch.randint(0, 50, (2, 5)), torch.ones(2, 4, dtype=torch.bool))
+    assert lp.dtype == torch.float32 and (lp <= 0).all()

@@ -180,6 +180,48 @@ class BetaHead(nn.Module):
         return head
 
 
+class BetaDPO:
+    """Batch-level dynamic beta with data filtering: beta-DPO (Wu et al. 2024, arXiv 2407.08639),
+    written from the paper's description.
+
+    For a batch with reward margins M_i = beta0 * [(log pi - log ref)(y_w) - (log pi - log ref)(y_l)]:
+        beta = beta0 * (1 + alpha * (mean(M) - M0))          (one beta for the whole batch)
+        M0 <- m * M0 + (1 - m) * mean(M),  sigma <- m * sigma + (1 - m) * std(M)     (training only)
+    and in training a fraction rho of the pairs is kept, drawn without replacement with
+    probability proportional to exp(-(M_i - M0)^2 / (2 sigma^2)) (pairs near the running margin
+    are informative; outliers are likely noise). beta carries no gradient.
+    The statistics are per process (each DDP rank filters its own slice).
+    """
+
+    def __init__(self, alpha: float = 0.6, rho: float = 0.8, momentum: float = 0.9):
+        self.alpha, self.rho, self.momentum = alpha, rho, momentum
+        self.m0: float | None = None
+        self.sigma: float | None = None
+
+    def __call__(self, margins: torch.Tensor, beta0: float, training: bool):
+        """margins (B,) detached -> (beta () tensor, weights (B,) in {0, 1} or None)."""
+        mean, std = margins.mean().item(), margins.std(unbiased=False).item()
+        m0 = mean if self.m0 is None else self.m0
+        beta = torch.tensor(beta0 * (1 + self.alpha * (mean - m0)), device=margins.device)
+        if not training:
+            return beta, None
+        sigma = max(std if self.sigma is None else self.sigma, 1e-6)
+        p = torch.exp(-(margins - m0) ** 2 / (2 * sigma ** 2)).clamp(min=1e-12)
+        keep = torch.multinomial(p, max(1, math.ceil(self.rho * len(margins))), replacement=False)
+        weights = torch.zeros_like(margins).index_fill_(0, keep, 1.0)
+        m = self.momentum
+        self.m0 = mean if self.m0 is None else m * self.m0 + (1 - m) * mean
+        self.sigma = std if self.sigma is None else m * self.sigma + (1 - m) * std
+        return beta, weights
+
+    def state_dict(self) -> dict:
+        return dict(m0=self.m0, sigma=self.sigma)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m0, self.sigma = state["m0"], state["sigma"]
+
+
+
 # -----------------------------------------------------------------------------
 # the model
 
@@ -187,7 +229,8 @@ class BetaHead(nn.Module):
 class DynamicBetaDPOModel(nn.Module):
     """A policy, an optional BetaHead and a frozen reference, computing the DPO loss.
 
-    beta_head=None is plain DPO with beta = `beta` everywhere, through the same code path.
+    beta_head=None is plain DPO with beta = `beta` everywhere, through the same code path;
+    beta_dpo=BetaDPO(...) is the batch-level dynamic beta of beta-DPO, the published baseline.
     The reference is kept outside the module tree (so it is never in state_dict(), the optimizer
     or a DDP wrapper); the caller places it on the device.
 
@@ -202,8 +245,10 @@ class DynamicBetaDPOModel(nn.Module):
     def __init__(self, policy_model: nn.Module, beta_head: BetaHead | None = None,
                  reference_model: nn.Module | None = None, beta: float = 0.1,
                  beta_min: float = 0.0, beta_max: float = math.inf, beta_reg: float = 0.0,
-                 beta_grad_to_policy: bool = False):
+                 beta_grad_to_policy: bool = False, beta_dpo: BetaDPO | None = None):
         super().__init__()
+        if beta_dpo is not None and beta_head is not None:
+            raise ValueError("beta_dpo (batch-level beta) and a BetaHead (per-prompt beta) exclude each other")
         if beta <= 0:
             raise ValueError(f"beta must be > 0; got {beta}")
         if not beta_min < beta_max:
@@ -213,6 +258,7 @@ class DynamicBetaDPOModel(nn.Module):
         self.__dict__["reference_model"] = reference_model  # not a submodule, see docstring
         self.beta, self.beta_min, self.beta_max = beta, beta_min, beta_max
         self.beta_reg, self.beta_grad_to_policy = beta_reg, beta_grad_to_policy
+        self.beta_dpo = beta_dpo
 
     # --- the spec's methods: the prompt on its own -------------------------------------------
 
@@ -286,10 +332,16 @@ class DynamicBetaDPOModel(nn.Module):
 
         if reference_logps is None:
             reference_logps = self.reference_logps(input_ids, attention_mask, loss_mask)
+        weights = None
+        if self.beta_dpo is not None:  # batch-level beta from the reward margins at beta0
+            logratios = seq_logps.detach() - reference_logps
+            margins0 = self.beta * (logratios[:B] - logratios[B:])
+            beta, weights = self.beta_dpo(margins0, self.beta, self.training)
+            beta = raw_beta = beta.clamp(self.beta_min, self.beta_max).expand(B)
 
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             seq_logps[:B], seq_logps[B:], reference_logps[:B], reference_logps[B:], beta)
-        loss = losses.mean()
+        loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum()
         if self.beta_head is not None and self.beta_reg > 0:
             # Learnable-beta departure: a pull of log beta towards log beta_0 against the runaway
             loss = loss + self.beta_reg * (raw_beta.log() - math.log(self.beta)).pow(2).mean()

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from beta_head import BetaHead, DynamicBetaDPOModel, summarize
+from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, summarize
 from data import DataError, build_examples, collate, eval_batches, load_rows, load_splits
 from model_loader import frozen_copy, is_lora_checkpoint, load_policy, load_tokenizer, make_accelerator
 
@@ -75,7 +75,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.ckpt)
     if args.dataset is None:  # the run's own held-out data, rebuilt exactly as train.py did
         rows = load_splits(cfg["dataset"], cfg["split"], cfg["eval_split"], cfg["eval_fraction"],
-                           cfg["seed"], cfg["dataset_config"], cfg["dataset_data_dir"])[1]
+                           cfg["split_seed"], cfg["dataset_config"], cfg["dataset_data_dir"])[1]
         rows = rows[:cfg["max_eval_examples"] or None]
     else:
         rows = load_rows(args.dataset, args.split, args.dataset_config, args.dataset_data_dir)
@@ -91,8 +91,12 @@ def main(argv=None):
     else:
         policy, reference = load_policy(args.ckpt), frozen_copy(base).to(accelerator.device)
     head = BetaHead.from_pretrained(args.ckpt) if cfg["beta_mode"] == "learnable" else None
-    model = DynamicBetaDPOModel(policy, head, reference, beta=cfg["beta"],
-                                beta_min=cfg["beta_min"], beta_max=cfg["beta_max"])
+    beta_dpo = None
+    if cfg["beta_mode"] == "beta_dpo":  # beta from the running margin M0 of training
+        beta_dpo = BetaDPO(cfg["beta_dpo_alpha"], cfg["beta_dpo_rho"])
+        beta_dpo.load_state_dict(torch.load(os.path.join(args.ckpt, "trainer_state.pt"), weights_only=True)["beta_dpo"])
+    model = DynamicBetaDPOModel(policy, head, reference, beta=cfg["beta"], beta_min=cfg["beta_min"],
+                                beta_max=cfg["beta_max"], beta_dpo=beta_dpo)
     model = accelerator.prepare(model)
 
     stats = run_eval(model, examples, args.batch_size, accelerator, tokenizer.pad_token_id, progress=True)
@@ -110,8 +114,10 @@ def main(argv=None):
               f"(skipped {report['skipped']}), beta_mode={cfg['beta_mode']}, beta0={cfg['beta']}.\n\n"
               + markdown_table(metrics))
         print(md)
+        per_pair = {k: [round(x, 6) for x in stats[k].tolist()] for k in ("beta", "ppl", "policy_chosen_logps",
+                    "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")}
         with open(os.path.join(args.ckpt, "eval.json"), "w") as f:
-            json.dump(dict(metrics=metrics, data_report=report, args=vars(args)), f, indent=2)
+            json.dump(dict(metrics=metrics, data_report=report, args=vars(args), per_pair=per_pair), f, indent=2)
         with open(os.path.join(args.ckpt, "eval.md"), "w") as f:
             f.write(md)
         print(f"wrote {os.path.join(args.ckpt, 'eval.json')} and eval.md")

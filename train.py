@@ -34,7 +34,7 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from beta_head import BetaHead, DynamicBetaDPOModel, summarize
+from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, summarize
 from data import DataError, PairBatchSampler, build_examples, collate, eval_batches, load_splits
 from evaluate import run_eval
 from model_loader import DEFAULT_MODEL, add_lora, frozen_copy, load_policy, load_tokenizer, make_accelerator
@@ -65,6 +65,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="train", help="training split")
     p.add_argument("--eval_split", default=None, help="held-out split name (or file); default: hold out --eval_fraction of --split")
     p.add_argument("--eval_fraction", type=float, default=0.05, help="fraction of --split held out when no --eval_split")
+    p.add_argument("--split_seed", type=int, default=0, help="seed of the --eval_fraction split (kept apart from --seed so that seeds share one split)")
     p.add_argument("--max_train_examples", type=int, default=0, help="use at most this many training rows (0 = all)")
     p.add_argument("--max_eval_examples", type=int, default=0, help="use at most this many held-out rows (0 = all)")
     p.add_argument("--max_length", type=int, default=512, help="max tokens of prompt + response")
@@ -72,8 +73,11 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_chat_template", action="store_true", help="use raw text even if the tokenizer has a chat template")
     p.add_argument("--strict_data", action="store_true", help="stop at the first bad row instead of skipping and counting it")
     # beta
-    p.add_argument("--beta_mode", default="fixed", choices=["fixed", "learnable"],
-                   help="fixed: DPO with constant --beta; learnable: beta(x) = w * PPL(x) * f(h(x))")
+    p.add_argument("--beta_mode", default="fixed", choices=["fixed", "learnable", "beta_dpo"],
+                   help="fixed: DPO with constant --beta; learnable: beta(x) = w * PPL(x) * f(h(x)); "
+                        "beta_dpo: batch-level beta and pair filtering of beta-DPO (Wu et al. 2024)")
+    p.add_argument("--beta_dpo_alpha", type=float, default=0.6, help="beta_dpo: beta = beta0 * (1 + alpha * (mean margin - M0))")
+    p.add_argument("--beta_dpo_rho", type=float, default=0.8, help="beta_dpo: fraction of each batch kept by the margin filter")
     p.add_argument("--beta", type=float, default=0.1, help="beta0: the fixed beta, and the initial mean of a learnable one")
     p.add_argument("--epsilon", type=float, default=0.1, help="f(h) = 1 + epsilon * tanh(NN(h)) lies in [1-eps, 1+eps]")
     p.add_argument("--nn_structure", default="linear", choices=["linear", "mlp"], help="the BetaHead's NN")
@@ -103,7 +107,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", default=None, help="run directory (default runs/RUN_NAME)")
     p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a directory that holds another run")
     p.add_argument("--resume_from", default=None, help="checkpoint dir to continue from, or 'auto' for the newest complete one")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, eval split and BetaHead init")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and the BetaHead init")
     p.add_argument("--log_every_steps", type=int, default=10, help="log train metrics every this many steps")
     p.add_argument("--eval_every_steps", type=int, default=100, help="evaluate every this many steps (0 = only at the end)")
     p.add_argument("--eval_batch_size", type=int, default=8, help="pairs per eval forward per process")
@@ -116,15 +120,21 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def check_args(args, p) -> None:
     """Bad flag combinations fail here, before any model is loaded, saying what to change."""
-    if args.beta_mode == "fixed":
-        for flag in ("beta_head_lr", "beta_min", "beta_max"):
-            if getattr(args, flag) is not None:
-                p.error(f"--{flag} only applies to --beta_mode learnable")
+    if args.beta_mode != "learnable":
+        if args.beta_head_lr is not None:
+            p.error("--beta_head_lr only applies to --beta_mode learnable")
         if args.beta_reg or args.beta_grad_to_policy:
             p.error("--beta_reg and --beta_grad_to_policy only apply to --beta_mode learnable")
+    if args.beta_mode == "fixed":
+        for flag in ("beta_min", "beta_max"):
+            if getattr(args, flag) is not None:
+                p.error(f"--{flag} only applies to --beta_mode learnable or beta_dpo")
         args.beta_min, args.beta_max = 0.0, math.inf
     else:
-        args.beta_head_lr = 1e-3 if args.beta_head_lr is None else args.beta_head_lr
+        if args.beta_mode == "learnable":
+            args.beta_head_lr = 1e-3 if args.beta_head_lr is None else args.beta_head_lr
+        if not 0 < args.beta_dpo_rho <= 1:
+            p.error(f"--beta_dpo_rho must be in (0, 1]; got {args.beta_dpo_rho}")
         args.beta_min = args.beta / 10 if args.beta_min is None else args.beta_min
         args.beta_max = args.beta * 10 if args.beta_max is None else args.beta_max
         if not 0 <= args.beta_min < args.beta <= args.beta_max:
@@ -222,7 +232,7 @@ def check_resume(resume: str, args) -> None:
         saved = json.load(f)
     # the starting point, and what fixes the data order (a function of these and the step)
     for key in ("model_name_or_path", "gguf_file", "beta_mode", "nn_structure", "epsilon", "mlp_hidden_size",
-                "dataset", "split", "max_train_examples", "seed", "batch_size", "gradient_accumulation_steps",
+                "dataset", "split", "split_seed", "max_train_examples", "seed", "batch_size", "gradient_accumulation_steps",
                 "max_length", "max_prompt_length", "no_chat_template", "lora_r", "lora_alpha", "lora_target_modules"):
         if saved.get(key) != getattr(args, key):
             raise DataError(f"checkpoint {resume} has {key}={saved.get(key)!r} but this run has "
@@ -254,7 +264,8 @@ def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], args, 
             cached = None
     if cached is None:
         parts = []
-        for idx in eval_batches(examples, args.eval_batch_size, accelerator.num_processes, accelerator.process_index):
+        batches = list(eval_batches(examples, args.eval_batch_size, accelerator.num_processes, accelerator.process_index))
+        for idx in tqdm(batches, desc="reference log-probs", disable=not accelerator.is_main_process):
             b = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_token_id).items()}
             with accelerator.autocast():
                 parts.append(accelerator.gather(model.reference_logps(b["input_ids"], b["attention_mask"], b["loss_mask"])
@@ -312,7 +323,7 @@ def main(argv=None):
 
     # --- data ---------------------------------------------------------------------------------
     train_rows, eval_rows = load_splits(args.dataset, args.split, args.eval_split, args.eval_fraction,
-                                        args.seed, args.dataset_config, args.dataset_data_dir)
+                                        args.split_seed, args.dataset_config, args.dataset_data_dir)
     tokenizer = load_tokenizer(args.model_name_or_path, args.gguf_file, args.trust_remote_code)
     train_rows = train_rows[:args.max_train_examples or None]
     eval_rows = eval_rows[:args.max_eval_examples or None]
@@ -351,8 +362,9 @@ def main(argv=None):
         else:
             head = BetaHead(policy.config.get_text_config().hidden_size, args.nn_structure, args.epsilon,
                             args.mlp_hidden_size)
+    beta_dpo = BetaDPO(args.beta_dpo_alpha, args.beta_dpo_rho) if args.beta_mode == "beta_dpo" else None
     model = DynamicBetaDPOModel(policy, head, reference, args.beta, args.beta_min, args.beta_max,
-                                args.beta_reg, args.beta_grad_to_policy)
+                                args.beta_reg, args.beta_grad_to_policy, beta_dpo)
     policy.to(accelerator.device)
     if args.precompute_ref:  # then train with no reference model in memory
         for examples in (train_examples, eval_examples):
@@ -388,6 +400,8 @@ def main(argv=None):
             raise DataError(f"checkpoint {resume} was written by a run with {state['num_processes']} processes; "
                             f"resume with the same number (this run has {accelerator.num_processes})")
         step, skipped_steps = state["step"], state["skipped_steps"]
+        if beta_dpo is not None:
+            beta_dpo.load_state_dict(state["beta_dpo"])
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"]:
@@ -444,7 +458,8 @@ def main(argv=None):
             try:
                 save_checkpoint(path, raw_model, optimizer, tokenizer,
                                 dict(step=step, examples_seen=step * global_batch, skipped_steps=skipped_steps,
-                                     num_processes=accelerator.num_processes), args)
+                                     num_processes=accelerator.num_processes,
+                                     beta_dpo=beta_dpo.state_dict() if beta_dpo else None), args)
             except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
                 raise DataError(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); earlier complete "
                                 f"checkpoints are untouched: {complete_checkpoints(run_dir)}") from None

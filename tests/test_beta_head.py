@@ -278,3 +278,38 @@ def test_logps_from_bf16_hidden_are_fp32():
     hidden = torch.randn(2, 5, 8).to(torch.bfloat16)
     lp = token_logps(hidden, head, torch.randint(0, 50, (2, 5)), torch.ones(2, 4, dtype=torch.bool))
     assert lp.dtype == torch.float32 and (lp <= 0).all()
+
+
+def test_beta_dpo_formula_filter_and_ema():
+    from beta_head import BetaDPO
+    torch.manual_seed(0)
+    bd = BetaDPO(alpha=0.5, rho=0.8, momentum=0.9)
+    margins = torch.tensor([0.0, 0.1, -0.1, 0.05, 10.0])
+    beta, w = bd(margins, 0.1, training=True)
+    assert beta.item() == pytest.approx(0.1)  # first batch: M0 = its own mean
+    assert w.sum() == 4 and set(w.tolist()) <= {0.0, 1.0}
+    assert bd.m0 == pytest.approx(margins.mean().item())
+    bd.m0, bd.sigma = 0.0, 0.1
+    beta, w = bd(margins, 0.1, training=True)
+    assert beta.item() == pytest.approx(0.1 * (1 + 0.5 * margins.mean().item()))
+    assert w[4] == 0  # the outlier, 100 sigma from M0, is filtered out
+    assert bd.m0 == pytest.approx(0.1 * margins.mean().item())
+    m0 = bd.m0
+    beta, w = bd(margins, 0.1, training=False)  # evaluation: no filter, no update
+    assert w is None and bd.m0 == m0
+
+
+def test_beta_dpo_model_loss_is_the_filtered_mean():
+    from beta_head import BetaDPO
+    model = make_model(learnable=False)
+    model.beta_dpo = BetaDPO(alpha=0.5, rho=0.6)  # ceil(0.6 * 3) = 2 pairs kept
+    model.beta_dpo.m0, model.beta_dpo.sigma = 0.0, 1.0
+    torch.manual_seed(0)
+    loss, stats = model(**collate(pairs(), 0))
+    assert torch.all(stats["beta"] == stats["beta"][0]) and not stats["beta"].requires_grad
+    margins0 = 0.1 * ((stats["policy_chosen_logps"] - stats["reference_chosen_logps"])
+                      - (stats["policy_rejected_logps"] - stats["reference_rejected_logps"]))
+    assert stats["beta"][0].item() == pytest.approx(0.1 * (1 + 0.5 * margins0.mean().item()), rel=1e-5)
+    # 2 of 3 pairs kept: the loss is the mean over a 2-subset of the per-pair losses
+    subsets = [(stats["losses"].sum() - x) / 2 for x in stats["losses"]]
+    assert any(torch.allclose(loss, s) for s in subsets)

@@ -182,3 +182,23 @@ def test_resume_applies_new_learning_rate_and_refuses_new_data_order(tiny_qwen2_
                       "--lr_scheduler", "constant", "--warmup_ratio", "0"))
     state = torch.load(out / "final" / "trainer_state.pt", weights_only=True)
     assert {g["lr"] for g in state["optimizer"]["param_groups"]} == {1e-4}
+
+
+def test_beta_dpo_mode_trains_and_resumes_exactly(tiny_qwen2_dir, tmp_path):
+    args = ["--beta_mode", "beta_dpo", "--max_steps", "4", "--save_every_steps", "2", "--batch_size", "4",
+            "--log_every_steps", "1"]
+    full = tmp_path / "full"
+    train.main(common(tiny_qwen2_dir, full, *args))
+    part = tmp_path / "part"
+    os.makedirs(part / "checkpoints")
+    shutil.copytree(full / "checkpoints" / "step_2", part / "checkpoints" / "step_2")
+    train.main(common(tiny_qwen2_dir, part, *args, "--resume_from", "auto"))
+    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(full / "final" / "trainer_state.pt", weights_only=True)["beta_dpo"]
+    sb = torch.load(part / "final" / "trainer_state.pt", weights_only=True)["beta_dpo"]
+    assert sa == sb and sa["m0"] is not None
+    lines = [json.loads(x) for x in open(full / "metrics.jsonl") if '"train"' in x]
+    assert lines[-1]["beta/std"] < 1e-6  # one beta per batch
+    metrics = evaluate.main(["--ckpt", str(full / "final")])
+    assert metrics["pairs"] == 8

@@ -3,7 +3,6 @@ message that says what to change, or is skipped and counted, never a traceback.
 
 Every case is a function that provokes the problem and returns the message the user sees."""
 
-import gzip
 import json
 import os
 import shutil

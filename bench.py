@@ -1,0 +1,384 @@
+"""
+Training-step benchmark: our fused DPO step against the seed's literal design and TRL's DPOTrainer.
+
+    python bench.py                    # SmolLM2-135M-Instruct, 4 HH-RLHF pairs x <=256 tokens, fp32, CPU
+    python bench.py --memory_sweep     # peak RSS vs sequence length, tiny Qwen2 with the 151,936 vocabulary
+
+Every config runs in its own process (so its peak RSS is its own), on the same model weights,
+the same pairs in the same order, batch shape, precision, seed and thread count; the configs run
+in rounds, order rotated each round. Throughputs are medians over all measured steps; ratios are
+medians over steps of paired ratios (the same batch in the same round), which cancels the spread
+between batches and slow drifts of the machine's speed. One step = forward, backward,
+clip_grad_norm_ (1.0), AdamW step, zero_grad:
+
+  ours-fixed / ours-learnable   DynamicBetaDPOModel, one concatenated forward (beta_head None / BetaHead)
+  seed                          the seed's literal design, `seed_loss` below: a no-grad prompt forward
+                                for PPL and h, then separate chosen / rejected forwards with full logits
+  trl                           trl.DPOTrainer (sigmoid loss), timed per step by a callback in train()
+  NAME+cache                    reference log-probs computed before timing, no reference model in memory
+
+FLOPs per step (model FLOPs, attention scores ignored, N = all parameters, tied embedding once):
+  6 N x policy tokens + 2 N x reference tokens (0 with a cache) + 2 N x prompt tokens (seed only),
+where tokens are real (non-pad) tokens; the % is of an fp32 2048^3 matmul measured in the same run.
+CPU only: peak memory is the process's peak RSS (ru_maxrss), which includes imports and the model.
+
+--memory_sweep: one step of ours-learnable, seed and trl (each with a reference model), 2 pairs of
+random token ids (a quarter prompt) per length, on a random 2-layer Qwen2 with hidden size 64 and
+the real 151,936-token vocabulary (model_loader.build_tiny_qwen2): nearly all of it is the LM head,
+so it shows what full-vocabulary logits cost in memory, not the speed of a real model.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from beta_head import BetaHead, DynamicBetaDPOModel, dpo_loss, last_token_hidden, masked_ppl
+from data import build_examples, collate, load_rows, normalize_row
+from model_loader import build_tiny_qwen2, frozen_copy, load_policy, load_tokenizer
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+HH_PAIRS = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
+DEEPSEEK_TOKENIZER = os.path.join(ROOT, "..", "shared", "tokenizers", "deepseek-r1-distill-qwen")
+CONFIGS = [f"{c}{s}" for s in ("", "+cache") for c in ("ours-fixed", "ours-learnable", "seed", "trl")]
+SWEEP_CONFIGS = ["ours-learnable", "seed", "trl"]
+BETA, LR = 0.1, 1e-6
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model name or directory (as train.py's --model_name_or_path)")
+    p.add_argument("--data", default=HH_PAIRS if os.path.exists(HH_PAIRS) else "demo",
+                   help="pairs file (default: ../shared HH-RLHF pairs when present, else the demo set); its first pairs, in file order")
+    p.add_argument("--batch_size", type=int, default=4, help="pairs per step")
+    p.add_argument("--max_length", type=int, default=256, help="max tokens of prompt + response (data.build_examples)")
+    p.add_argument("--max_prompt_length", type=int, default=192, help="prompts keep their last this-many tokens")
+    p.add_argument("--warmup_steps", type=int, default=2, help="untimed steps at the start of every process")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per process (step i always gets batch i)")
+    p.add_argument("--rounds", type=int, default=2, help="passes over the configs, order rotated; medians pool all rounds")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed in every process (BetaHead init)")
+    p.add_argument("--json", default="bench_results.json", help="write all results here")
+    p.add_argument("--memory_sweep", action="store_true",
+                   help="instead: peak RSS of one step at --sweep_lengths, batch 2 pairs, tiny Qwen2 with the real vocabulary")
+    p.add_argument("--sweep_lengths", default="256,512,1024,2048", help="sequence lengths of --memory_sweep")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)      # internal: run one config
+    p.add_argument("--_model_dir", default=None, help=argparse.SUPPRESS)   # internal: converted weights
+    p.add_argument("--_sweep_len", type=int, default=0, help=argparse.SUPPRESS)  # internal: synthetic pairs
+    args = p.parse_args(argv)
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        p.error(f"unknown --configs {sorted(unknown)}; choose from {CONFIGS}")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# the seed's literal design, for comparison
+
+
+def seed_logps(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+    """Sequence log-probs (N,) the plain way: full (N, T, V) logits, log_softmax in fp32."""
+    T = int(attention_mask.sum(-1).max())  # this half padded on its own
+    ids, loss_mask = input_ids[:, :T], loss_mask[:, 1:T]
+    logps = model(input_ids=ids, attention_mask=attention_mask[:, :T]).logits.float().log_softmax(-1)
+    return (logps[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * loss_mask).sum(-1)
+
+
+def seed_reference_logps(reference, batch) -> torch.Tensor:
+    B = batch["input_ids"].shape[0] // 2
+    with torch.no_grad():
+        return torch.cat([seed_logps(reference, *(batch[k][half] for k in ("input_ids", "attention_mask", "loss_mask")))
+                          for half in (slice(None, B), slice(B, None))])
+
+
+def seed_loss(policy, reference, head: BetaHead, batch: dict) -> torch.Tensor:
+    """The seed's step: compute_ppl as a separate no-grad forward over the prompt (PPL and last
+    prompt hidden state), separate policy forwards for chosen and rejected, separate reference
+    forwards for chosen and rejected (or the batch's cached reference_logps), the DPO loss."""
+    ids, mask, loss_mask, prompt_mask = (batch[k] for k in ("input_ids", "attention_mask", "loss_mask", "prompt_mask"))
+    B = ids.shape[0] // 2
+    with torch.no_grad():
+        P = int(prompt_mask[:B].sum(-1).max())
+        out = policy(input_ids=ids[:B, :P], attention_mask=prompt_mask[:B, :P], output_hidden_states=True)
+        tok = out.logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:B, 1:P, None]).squeeze(-1)
+        ppl = masked_ppl(tok, prompt_mask[:B, :P])
+        h = last_token_hidden(out.hidden_states[-1], prompt_mask[:B, :P])
+    beta = head(h, ppl)
+    chosen = seed_logps(policy, ids[:B], mask[:B], loss_mask[:B])
+    rejected = seed_logps(policy, ids[B:], mask[B:], loss_mask[B:])
+    ref = batch["reference_logps"] if "reference_logps" in batch else seed_reference_logps(reference, batch)
+    return dpo_loss(chosen, rejected, ref[:B], ref[B:], beta)[0].mean()
+
+
+# -----------------------------------------------------------------------------
+# one config, in its own process
+
+
+def bench_pairs(args, tok) -> tuple[list[dict], list[dict]]:
+    """(examples, text rows): the first (warmup + steps) x batch_size pairs, or synthetic ones."""
+    n = (args.warmup_steps + args.steps) * args.batch_size
+    if args._sweep_len:  # random ids: a quarter prompt, the rest response, both ending where max length ends
+        g = torch.Generator().manual_seed(args.seed)
+        P, R = args._sweep_len // 4, args._sweep_len - args._sweep_len // 4 - 1
+        rand = lambda k: torch.randint(1000, 100000, (k,), generator=g).tolist()  # noqa: E731
+        examples = [dict(prompt_ids=rand(P), chosen_ids=rand(R) + [tok.eos_token_id],
+                         rejected_ids=rand(R) + [tok.eos_token_id]) for _ in range(n)]
+        return examples, [dict(prompt="Hi.", chosen="Hello!", rejected="Go away.")] * n
+    rows = load_rows(args.data)[:n]
+    examples, report = build_examples(rows, tok, args.max_length, args.max_prompt_length)
+    if len(examples) < n or report["skipped"]:
+        sys.exit(f"error: need {n} usable pairs from the first {n} rows of {args.data}; got {report['kept']}")
+    return examples, rows
+
+
+def setup_trl(args, policy, tok, examples, rows, cache: bool, tmp: str, n_steps: int):
+    """A DPOTrainer on the same weights and token ids; returns (run, per-step times list)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(
+        output_dir=tmp, report_to=[], use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+        loss_type=["sigmoid"], beta=BETA, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",  # = our torch.optim.AdamW (TRL's default is fused)
+        max_length=args.max_length, precompute_ref_log_probs=cache, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1, max_steps=n_steps, train_sampling_strategy="sequential",
+        dataloader_num_workers=0, disable_dropout=True, seed=args.seed, save_strategy="no",
+        logging_steps=10**6, disable_tqdm=True)
+    # TRL 1.16 cannot take pre-tokenised rows: it tokenises these text pairs itself (same chat template) ...
+    text = []
+    for row in rows[:args.batch_size] if cache else rows:  # +cache: one batch, to keep its own precompute pass short
+        prompt, c, r = normalize_row(row)
+        prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text.append(dict(prompt=prompt, chosen=[{"role": "assistant", "content": c}],
+                         rejected=[{"role": "assistant", "content": r}]))
+    trainer = DPOTrainer(model=policy, ref_model=None if cache else frozen_copy(policy), args=config,
+                         train_dataset=Dataset.from_list(text), processing_class=tok)
+    own = trainer.train_dataset  # its own tokenisation, filter and truncation (keep_start), for the record
+    own_tokens = dict(pairs=len(own), real_tokens=int(trainer.data_collator(list(own))["attention_mask"].sum()))
+    # ... then trains on our token ids, as tests/test_trl_parity.py does, so both sides see the same tokens
+    trainer.train_dataset = Dataset.from_list(examples)
+    if cache:  # TRL's own precompute pass, before timing
+        trainer.train_dataset = trainer._precompute_ref_logps(trainer.train_dataset, "train", args.batch_size)
+
+    times = []
+
+    class StepTimer(TrainerCallback):  # on_step_begin .. on_step_end = forward, backward, clip, AdamW, zero_grad
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    trainer.add_callback(StepTimer())
+    return trainer.train, times, own_tokens
+
+
+def worker(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    name = args._worker
+    kind, cache = name.removesuffix("+cache"), name.endswith("+cache")
+    tok = load_tokenizer(args._model_dir)
+    examples, rows = bench_pairs(args, tok)
+    batches = [collate(examples[i:i + args.batch_size], tok.pad_token_id) for i in range(0, len(examples), args.batch_size)]
+    policy = load_policy(args._model_dir)
+    result = dict(config=name, pairs=len(examples), real_tokens=[int(b["attention_mask"].sum()) for b in batches],
+                  prompt_tokens=[int(b["prompt_mask"][:args.batch_size].sum()) for b in batches])
+
+    if kind == "trl":
+        with tempfile.TemporaryDirectory() as tmp:
+            train, times, result["trl_own_tokenisation"] = setup_trl(
+                args, policy, tok, examples, rows, cache, tmp, len(batches))
+            result["rss_before_steps_gb"] = current_rss_gb()
+            train()
+    else:
+        reference = frozen_copy(policy)
+        head = BetaHead(policy.config.get_text_config().hidden_size) if kind != "ours-fixed" else None
+        # w is not calibrated to beta0 here: the value of beta does not change the cost of a step
+        model = DynamicBetaDPOModel(policy, head, reference, beta=BETA)
+        if cache:  # reference log-probs once, before timing; then no reference model in memory
+            for b in batches:
+                b["reference_logps"] = (seed_reference_logps(reference, b) if kind == "seed" else
+                                        model.reference_logps(b["input_ids"], b["attention_mask"], b["loss_mask"]))
+            model.__dict__["reference_model"] = reference = None
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+        result["rss_before_steps_gb"] = current_rss_gb()
+        times = []
+        for b in batches:
+            t0 = time.perf_counter()
+            loss = seed_loss(policy, reference, head, b) if kind == "seed" else model(**b)[0]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+
+    assert len(times) == len(batches), f"{name}: timed {len(times)} of {len(batches)} steps"
+    w = args.warmup_steps
+    result.update(all_real_tokens=result["real_tokens"], real_tokens=result["real_tokens"][w:],
+                  prompt_tokens=result["prompt_tokens"][w:], warmup_times=times[:w], step_times=times[w:],
+                  peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                  n_params=sum(p.numel() for p in policy.parameters()))
+    return result
+
+
+def current_rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1e6
+
+
+# -----------------------------------------------------------------------------
+# the parent: prepare once, run the configs in rounds, report
+
+
+def run_config(args, name: str, model_dir: str, extra: list[str] = ()) -> dict:
+    argv = [sys.executable, os.path.abspath(__file__), "--_worker", name, "--_model_dir", model_dir]
+    for flag in ("data", "batch_size", "max_length", "max_prompt_length", "warmup_steps", "steps", "threads", "seed"):
+        argv += [f"--{flag}", str(getattr(args, flag))]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1",
+               TRANSFORMERS_VERBOSITY="error", HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(argv + list(extra), stdout=subprocess.PIPE, env=env, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"error: config {name} failed (exit {proc.returncode}); run it alone with --configs {name}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    """Median fp32 GFLOP/s of an n x n @ n x n matmul: this machine's practical peak."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        a @ b
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def prepare_model(args, tmp: str) -> str:
+    """The weights and tokenizer as a plain fp32 safetensors directory, so that every worker loads
+    the same weights quickly and without a de-quantisation peak in its RSS."""
+    if args.memory_sweep:
+        if not os.path.isdir(DEEPSEEK_TOKENIZER):
+            sys.exit(f"error: --memory_sweep needs the DeepSeek tokenizer at {DEEPSEEK_TOKENIZER}")
+        return build_tiny_qwen2(tmp, DEEPSEEK_TOKENIZER, hidden_size=64)
+    load_policy(args.model).save_pretrained(tmp, safe_serialization=True)
+    load_tokenizer(args.model).save_pretrained(tmp)
+    return tmp
+
+
+def summarize(name: str, runs: list[dict], peak: float) -> dict:
+    times = [t for r in runs for t in r["step_times"]]
+    tokens = [n for r in runs for n in r["real_tokens"]]
+    prompts = [n for r in runs for n in r["prompt_tokens"]]
+    N, cache = runs[0]["n_params"], name.endswith("+cache")
+    flops = [N * (6 * n + (0 if cache else 2 * n) + (2 * p if name.startswith("seed") else 0))
+             for n, p in zip(tokens, prompts)]
+    gflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e9
+    return dict(config=name, median_step_s=statistics.median(times), steps_measured=len(times),
+                pairs_per_s=runs[0]["batch_size"] / statistics.median(times),
+                real_tokens_per_s=statistics.median(n / t for n, t in zip(tokens, times)),
+                real_tokens_per_step=statistics.mean(tokens), peak_rss_gb=max(r["peak_rss_gb"] for r in runs),
+                rss_before_steps_gb=max(r["rss_before_steps_gb"] for r in runs), gflops=gflops,
+                pct_of_peak=100 * gflops / peak)
+
+
+def paired(runs: dict, a: str, b: str) -> float | None:
+    """Median over measured steps of b's step time / a's, on the same batch in the same round
+    (> 1: a is faster). Pairing removes the spread between batches and slow drifts of the machine."""
+    if a not in runs or b not in runs:
+        return None
+    ta, tb = ([t for r in runs[n] for t in r["step_times"]] for n in (a, b))
+    return statistics.median(y / x for x, y in zip(ta, tb))
+
+
+def main_bench(args, model_dir: str) -> dict:
+    names = args.configs.split(",")
+    peak_before = matmul_gflops(args.threads)
+    print(f"fp32 matmul 2048^3 on {args.threads} threads: {peak_before:.1f} GFLOP/s", flush=True)
+    runs = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            speed, t0 = matmul_gflops(args.threads), time.time()  # the machine's speed just before: flags noisy periods
+            res = run_config(args, name, model_dir)
+            res.update(batch_size=args.batch_size, matmul_gflops_before=speed)
+            runs[name].append(res)
+            print(f"round {r + 1}/{args.rounds} {name:22s} median {statistics.median(res['step_times']):6.2f} s/step "
+                  f"(warm-up {', '.join(f'{t:.1f}' for t in res['warmup_times'])} s), peak RSS {res['peak_rss_gb']:.2f} GB, "
+                  f"{time.time() - t0:.0f} s wall; matmul before it {speed:.0f} GFLOP/s", flush=True)
+    peak = max([peak_before, matmul_gflops(args.threads)] + [r["matmul_gflops_before"] for rs in runs.values() for r in rs])
+    rows = [summarize(n, runs[n], peak) for n in names]
+    peaks = {row["config"]: row["peak_rss_gb"] for row in rows}
+    for row in rows:
+        suffix = "+cache" if row["config"].endswith("+cache") else ""
+        row["speedup_vs_trl"] = paired(runs, row["config"], "trl" + suffix)
+        row["rss_vs_trl"] = row["peak_rss_gb"] / peaks["trl" + suffix] if "trl" + suffix in peaks else None
+    fmt = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731
+    print(f"\n{args.batch_size} pairs x <= {args.max_length} tokens, fp32, {args.threads} threads, torch {torch.__version__}, "
+          f"{rows[0]['steps_measured']} measured steps per config; matmul peak {peak:.1f} GFLOP/s. pairs/s and tokens/s are "
+          "medians over steps; 'vs TRL' is the median over steps of TRL's step time / this config's on the same batch "
+          "and round (same cache setting)\n")
+    print("| config | pairs/s | real tokens/s | peak RSS GB | speed vs TRL | RSS vs TRL | GFLOP/s | % of matmul peak |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(f"| {row['config']} | {row['pairs_per_s']:.3f} | {row['real_tokens_per_s']:.0f} | {row['peak_rss_gb']:.2f} | "
+              f"{fmt(row['speedup_vs_trl'], '.2f')} | {fmt(row['rss_vs_trl'], '.2f')} | {row['gflops']:.1f} | "
+              f"{row['pct_of_peak']:.1f} |")
+    print()
+    for suffix in ("", "+cache"):  # the same paired medians, for the other comparisons of the issue
+        for a, b in (("ours-fixed", "ours-learnable"), ("ours-learnable", "seed")):
+            ratio = paired(runs, a + suffix, b + suffix)
+            if ratio is not None:
+                print(f"step time {b + suffix} / {a + suffix}: {ratio:.3f}")
+    if "trl" in runs:
+        r = runs["trl"][0]
+        print(f"real tokens per measured step: {rows[0]['real_tokens_per_step']:.0f}, the same token ids for every config. "
+              f"For the record, TRL's own tokenisation of the {r['pairs']} pairs: {r['trl_own_tokenisation']['real_tokens']} "
+              f"real tokens in {r['trl_own_tokenisation']['pairs']} pairs kept; ours: {sum(r['all_real_tokens'])} in {r['pairs']}")
+    print("FLOPs/step = 6 N x policy tokens + 2 N x reference tokens (0 with +cache) + 2 N x prompt tokens (seed), "
+          f"N = {runs[names[0]][0]['n_params'] / 1e6:.1f}M")
+    return dict(matmul_gflops=dict(start=peak_before, peak=peak), summary=rows, runs=runs)
+
+
+def main_sweep(args, model_dir: str) -> dict:
+    lengths = [int(x) for x in args.sweep_lengths.split(",")]
+    args.batch_size, args.warmup_steps, args.steps = 2, 0, 1
+    results = {}
+    for L in lengths:
+        args.max_length = L  # TRL's collator truncates at max_length
+        for name in SWEEP_CONFIGS:
+            res = run_config(args, name, model_dir, ["--_sweep_len", str(L)])
+            results[f"{name}@{L}"] = res
+            print(f"T={L} {name:16s} peak RSS {res['peak_rss_gb']:.2f} GB (before the step {res['rss_before_steps_gb']:.2f} GB), "
+                  f"step {res['step_times'][0]:.1f} s", flush=True)
+    print("\n| tokens per sequence | ours peak RSS GB | seed (full logits) GB | TRL GB | seed / ours | TRL / ours |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for L in lengths:
+        o, s, t = (results[f"{n}@{L}"]["peak_rss_gb"] for n in SWEEP_CONFIGS)
+        print(f"| {L} | {o:.2f} | {s:.2f} | {t:.2f} | {s / o:.2f} | {t / o:.2f} |")
+    return dict(sweep=results)
+
+
+if __name__ == "__main__":
+    args = get_args()
+    if args._worker:
+        print(json.dumps(worker(args)))
+        sys.exit(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = prepare_model(args, tmp)
+        out = main_sweep(args, model_dir) if args.memory_sweep else main_bench(args, model_dir)
+    with open(args.json, "w") as f:
+        json.dump(dict(args=vars(args), **out), f, indent=1)
+    print(f"wrote {args.json}")

@@ -112,6 +112,10 @@ def dpo_loss(
 class BetaHead(nn.Module):
     """beta = w * ppl * (1 + epsilon * tanh(NN(context_embedding))).
 
+    ppl_transform="log" uses log(ppl) (the prompt's mean NLL per token) in place of ppl: a
+    stabiliser, since prompt PPL is heavy-tailed (28x within one batch of HH-RLHF prompts).
+    log(ppl) is floored at 1e-3 (a one-token prompt has ppl 1), so beta stays > 0.
+
     forward(context_embedding (B, H), ppl (B,)) -> beta (B,), fp32.
 
     Range: for ppl > 0, beta lies in [w * ppl * (1 - eps), w * ppl * (1 + eps)] and is strictly
@@ -123,7 +127,7 @@ class BetaHead(nn.Module):
     """
 
     def __init__(self, hidden_size: int, nn_structure: str = "linear", epsilon: float = 0.1,
-                 mlp_hidden_size: int = 256, init_w: float = 1.0):
+                 mlp_hidden_size: int = 256, init_w: float = 1.0, ppl_transform: str = "ppl"):
         super().__init__()
         if not 0.0 <= epsilon < 1.0:
             raise ValueError(f"epsilon must be in [0, 1) so that f(h) > 0; got {epsilon}")
@@ -131,6 +135,9 @@ class BetaHead(nn.Module):
             raise ValueError(f"init_w must be > 0; got {init_w}")
         self.hidden_size, self.nn_structure, self.epsilon = hidden_size, nn_structure, epsilon
         self.mlp_hidden_size = mlp_hidden_size
+        if ppl_transform not in ("ppl", "log"):
+            raise ValueError(f"ppl_transform must be 'ppl' or 'log'; got {ppl_transform!r}")
+        self.ppl_transform = ppl_transform
         self.log_w = nn.Parameter(torch.tensor(math.log(init_w)))
         if nn_structure == "linear":
             self.nn = nn.Linear(hidden_size, 1)
@@ -151,7 +158,8 @@ class BetaHead(nn.Module):
         # always fp32, also inside a bf16 autocast region: bf16 would quantise f to ~25 levels
         with torch.autocast(context_embedding.device.type, enabled=False):
             f = 1 + self.epsilon * torch.tanh(self.nn(context_embedding.float()).squeeze(-1))
-            return self.w * ppl.float() * f
+            scale = ppl.float().log().clamp(min=1e-3) if self.ppl_transform == "log" else ppl.float()
+            return self.w * scale * f
 
     @torch.no_grad()
     def rescale_(self, context_embedding: torch.Tensor, ppl: torch.Tensor, target_mean: float) -> None:
@@ -160,7 +168,7 @@ class BetaHead(nn.Module):
 
     def config(self) -> dict:
         return dict(hidden_size=self.hidden_size, nn_structure=self.nn_structure,
-                    epsilon=self.epsilon, mlp_hidden_size=self.mlp_hidden_size)
+                    epsilon=self.epsilon, mlp_hidden_size=self.mlp_hidden_size, ppl_transform=self.ppl_transform)
 
     def save_pretrained(self, directory: str) -> None:
         """Write beta_head.safetensors (weights, with the config in its metadata)."""
@@ -298,16 +306,11 @@ class DynamicBetaDPOModel(nn.Module):
         """Sequence log-probs (N,) of the response tokens under the reference. With no reference
         model and a LoRA (peft) policy, the reference is the policy with its adapters disabled."""
         if self.reference_model is not None:
-            ref = self.reference_model
-            hidden = run_model(ref, input_ids, attention_mask)
-        elif hasattr(self.policy_model, "disable_adapter"):
-            ref = self.policy_model
-            with ref.disable_adapter():
-                hidden = run_model(ref, input_ids, attention_mask)
-        else:
-            raise ValueError("no reference: pass reference_model, a LoRA policy, or reference_logps")
-        response = loss_mask[:, 1:].bool()
-        return (token_logps(hidden, ref.get_output_embeddings(), input_ids, response) * response).sum(-1)
+            return sequence_logps(self.reference_model, input_ids, attention_mask, loss_mask)
+        if hasattr(self.policy_model, "disable_adapter"):
+            with self.policy_model.disable_adapter():
+                return sequence_logps(self.policy_model, input_ids, attention_mask, loss_mask)
+        raise ValueError("no reference: pass reference_model, a LoRA policy, or reference_logps")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                 prompt_mask: torch.Tensor, reference_logps: torch.Tensor | None = None):
@@ -369,6 +372,14 @@ def run_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=True, use_cache=False, logits_to_keep=no_logits)
     return out.hidden_states[-1]
+
+
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probs (N,) of the tokens marked by loss_mask (N, T) under a causal LM."""
+    hidden = run_model(model, input_ids, attention_mask)
+    response = loss_mask[:, 1:].bool()
+    return (token_logps(hidden, model.get_output_embeddings(), input_ids, response) * response).sum(-1)
 
 
 def summarize(stats: dict[str, torch.Tensor], beta0: float, beta_min: float = 0.0,

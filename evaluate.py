@@ -44,6 +44,34 @@ def run_eval(model, examples: list[dict], batch_size: int, accelerator: Accelera
     return {k: torch.cat([p[k] for p in parts])[:len(examples)].cpu() for k in parts[0]}
 
 
+def eval_metrics(stats: dict[str, torch.Tensor], beta0: float, beta_min: float, beta_max: float,
+                 head: BetaHead | None = None) -> dict[str, float]:
+    """summarize() plus the drift of each response's log-ratio, the pair count and w."""
+    metrics = summarize(stats, beta0, beta_min, beta_max)
+    # KL(pi || ref) on the chosen responses is not observable from pairs; report the mean
+    # log-ratio of both responses as a drift measure instead.
+    metrics["logratio/chosen"] = float((stats["policy_chosen_logps"] - stats["reference_chosen_logps"]).mean())
+    metrics["logratio/rejected"] = float((stats["policy_rejected_logps"] - stats["reference_rejected_logps"]).mean())
+    metrics["pairs"] = len(stats["beta"])
+    if head is not None:
+        metrics["beta_head/w"] = head.w.item()
+    return metrics
+
+
+def write_eval(ckpt: str, stats: dict[str, torch.Tensor], metrics: dict[str, float], data_report: dict,
+               title: str, args: dict) -> None:
+    """eval.json (metrics, per-pair beta / PPL / log-probs, data report, args) and eval.md in ckpt."""
+    md = f"# Evaluation of `{ckpt}`\n\n{title}\n\n" + markdown_table(metrics)
+    print(md)
+    per_pair = {k: [round(x, 6) for x in stats[k].tolist()] for k in ("beta", "ppl", "policy_chosen_logps",
+                "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")}
+    with open(os.path.join(ckpt, "eval.json"), "w") as f:
+        json.dump(dict(metrics=metrics, data_report=data_report, args=args, per_pair=per_pair), f, indent=2)
+    with open(os.path.join(ckpt, "eval.md"), "w") as f:
+        f.write(md)
+    print(f"wrote {os.path.join(ckpt, 'eval.json')} and eval.md")
+
+
 def markdown_table(metrics: dict[str, float]) -> str:
     rows = ["| metric | value |", "| --- | --- |"]
     rows += [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
@@ -97,30 +125,19 @@ def main(argv=None):
         beta_dpo.load_state_dict(torch.load(os.path.join(args.ckpt, "trainer_state.pt"), weights_only=True)["beta_dpo"])
     model = DynamicBetaDPOModel(policy, head, reference, beta=cfg["beta"], beta_min=cfg["beta_min"],
                                 beta_max=cfg["beta_max"], beta_dpo=beta_dpo)
+    if cfg.get("precompute_ref"):  # the run's reference cache covers its held-out split: reuse it
+        from train import add_reference_cache  # here, not at the top: train imports this module
+        model.policy_model.to(accelerator.device)  # a LoRA policy is its own reference
+        add_reference_cache(model, examples, argparse.Namespace(**{**cfg, "eval_batch_size": args.batch_size}),
+                            accelerator, tokenizer.pad_token_id)
+        model.__dict__["reference_model"] = None
     model = accelerator.prepare(model)
 
     stats = run_eval(model, examples, args.batch_size, accelerator, tokenizer.pad_token_id, progress=True)
-    metrics = summarize(stats, cfg["beta"], cfg["beta_min"], cfg["beta_max"])
-    # KL(pi || ref) on the chosen responses is not observable from pairs; report the mean
-    # log-ratio of both responses as a drift measure instead.
-    metrics["logratio/chosen"] = float((stats["policy_chosen_logps"] - stats["reference_chosen_logps"]).mean())
-    metrics["logratio/rejected"] = float((stats["policy_rejected_logps"] - stats["reference_rejected_logps"]).mean())
-    metrics["pairs"] = len(examples)
-    if head is not None:
-        metrics["beta_head/w"] = head.w.item()
-
+    metrics = eval_metrics(stats, cfg["beta"], cfg["beta_min"], cfg["beta_max"], head)
     if accelerator.is_main_process:
-        md = (f"# Evaluation of `{args.ckpt}`\n\n{len(examples)} held-out pairs "
-              f"(skipped {report['skipped']}), beta_mode={cfg['beta_mode']}, beta0={cfg['beta']}.\n\n"
-              + markdown_table(metrics))
-        print(md)
-        per_pair = {k: [round(x, 6) for x in stats[k].tolist()] for k in ("beta", "ppl", "policy_chosen_logps",
-                    "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")}
-        with open(os.path.join(args.ckpt, "eval.json"), "w") as f:
-            json.dump(dict(metrics=metrics, data_report=report, args=vars(args), per_pair=per_pair), f, indent=2)
-        with open(os.path.join(args.ckpt, "eval.md"), "w") as f:
-            f.write(md)
-        print(f"wrote {os.path.join(args.ckpt, 'eval.json')} and eval.md")
+        write_eval(args.ckpt, stats, metrics, report, f"{len(examples)} held-out pairs (skipped {report['skipped']}), "
+                   f"beta_mode={cfg['beta_mode']}, beta0={cfg['beta']}.", vars(args))
     return metrics
 
 

@@ -1,20 +1,30 @@
 """
-The experiments behind report.md: fixed vs learnable beta (and beta-DPO) on real preferences.
+The experiments behind report.md: fixed vs learnable beta (and beta-DPO), on real preferences (E1)
+and against a known gold reward (E2).
 
+    python experiments.py data                    # E1 data sizes and token lengths -> results/e1_data.json
     python experiments.py run e1                  # every (mode, seed) of E1; finished runs are skipped
     python experiments.py run e1 --modes fixed learnable --seeds 0
-    python experiments.py report                  # tables and figures from results/ alone
+    python experiments.py run e2                  # every (beta0, mode) of E2
+    python experiments.py report e1               # tables, figures and report.md's blocks from results/ alone
+    python experiments.py report e2
 
 `run` trains each configuration with train.py in its own process (resuming an interrupted run
-with --resume_from auto), evaluates the final checkpoint with evaluate.py, and writes one small
-JSON per run to results/<experiment>/<mode>-s<seed>.json (the checkpoints stay under runs/ and
-are not committed). `report` rebuilds results/<experiment>.md and results/figures/*.png from
-those JSON files.
+with --resume_from auto; train.py evaluates the final policy into final/eval.json) and writes one
+small JSON per run to results/<experiment>/ (the checkpoints stay under runs/ and are not
+committed). `report` rebuilds results/<experiment>.md, results/figures/*.png and the matching
+blocks of report.md from those JSON files.
 
 E1: SmolLM2-135M-Instruct on HH-RLHF harmless-base pairs (the 2,000 in ../shared/data/..., or
 pass --data with the same split downloaded from the hub): one fixed held-out split of 10%
-(--split_seed 0), one epoch over 400 training pairs in 50 steps of 8, the reference log-probs
-cached once and shared by all modes and seeds.
+(--split_seed 0, first 100 pairs used), 24 steps of 8 pairs over the first 192 training pairs,
+the reference log-probs cached once and shared by all modes and seeds.
+
+E2: the DPO paper's controlled sentiment experiment. Prompts written here; 4 samples per training
+prompt from SmolLM2-135M-Instruct (the reference; E2 always uses it), scored by the VADER
+sentiment lexicon; pairs = best vs worst; each mode trained for every beta0 in E2_BETAS; each
+trained policy sampled on held-out prompts for its mean gold reward and a Monte-Carlo estimate of
+KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)] (responses cut at 40 tokens).
 """
 
 import argparse
@@ -26,6 +36,13 @@ import subprocess
 import sys
 import time
 
+import torch
+from tqdm import tqdm
+
+from beta_head import sequence_logps
+from data import build_examples, collate, load_splits
+from model_loader import load_policy, load_tokenizer
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 HH = os.path.join(os.path.dirname(HERE), "shared", "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
 
@@ -33,17 +50,58 @@ HH = os.path.join(os.path.dirname(HERE), "shared", "data", "hh-rlhf-harmless-bas
 MODES = {
     "fixed": ["--beta_mode", "fixed"],
     "learnable": ["--beta_mode", "learnable"],
-    "learnable_reg": ["--beta_mode", "learnable", "--beta_reg", "1.0"],
+    "learnable_logppl": ["--beta_mode", "learnable", "--ppl_transform", "log"],  # the stabiliser, see report.md
     "beta_dpo": ["--beta_mode", "beta_dpo"],
 }
 EXPERIMENTS = {
     "e1": ["--model_name_or_path", "smollm2-135m-instruct", "--eval_fraction", "0.1", "--split_seed", "0",
-           "--max_length", "160", "--max_prompt_length", "112", "--batch_size", "4", "--gradient_accumulation_steps", "2",
-           "--max_steps", "50", "--max_train_examples", "400", "--policy_lr", "5e-6", "--beta", "0.1", "--warmup_ratio", "0.1",
-           "--log_every_steps", "5", "--eval_every_steps", "25", "--save_every_steps", "25", "--save_total_limit", "1",
-           "--eval_batch_size", "8", "--precompute_ref"],
+           "--max_length", "128", "--max_prompt_length", "96", "--batch_size", "4", "--gradient_accumulation_steps", "2",
+           "--max_steps", "24", "--max_train_examples", "192", "--max_eval_examples", "100", "--policy_lr", "1e-5",
+           "--beta", "0.1", "--warmup_ratio", "0.1", "--log_every_steps", "2", "--eval_every_steps", "0",
+           "--save_every_steps", "12", "--save_total_limit", "1", "--eval_batch_size", "8", "--precompute_ref"],
 }
+# E2: a controlled gold reward (the DPO paper's sentiment experiment, with the vaderSentiment
+# lexicon as the reward). Prompts are written here: each subject under each framing; the last
+# E2_HELDOUT subjects are never trained on and are the prompts the trained policies are scored on.
+E2_SUBJECTS = ["a rainy Monday", "the city bus", "the neighbour's dog", "a long flight delay", "homework",
+               "a job interview", "cold coffee", "a visit to the dentist", "a traffic jam", "a new phone",
+               "winter", "a power outage", "the office printer", "a crowded train", "moving house",
+               "a birthday party", "a broken umbrella", "tax season", "a camping trip", "the gym",
+               "a missed deadline", "grocery shopping", "a hospital waiting room", "the evening news",
+               "an old car", "a school lunch", "a lost wallet", "a first date", "a noisy hotel room",
+               "a long queue at the bank"]
+E2_FRAMINGS = ["Write one sentence about {}.", "Describe {} in one sentence.", "Tell a friend about {} in one sentence.",
+               "Give your honest opinion of {} in one sentence.", "Write a short diary line about {}.",
+               "Write a one-sentence review of {}."]
+E2_HELDOUT = 5
+E2_BETAS = [0.05, 0.1, 0.2, 0.5]
+E2_SAMPLES, E2_EVAL_SAMPLES, E2_NEW_TOKENS = 4, 4, 40
+E2_TRAIN = ["--model_name_or_path", "smollm2-135m-instruct", "--eval_fraction", "0.1", "--split_seed", "0",
+            "--max_length", "112", "--max_prompt_length", "64", "--batch_size", "4", "--gradient_accumulation_steps", "2",
+            "--num_epochs", "1", "--policy_lr", "2e-5", "--warmup_ratio", "0.1", "--log_every_steps", "2",
+            "--eval_every_steps", "0", "--save_every_steps", "0", "--eval_batch_size", "16", "--precompute_ref"]
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def train_run(run_dir: str, flags: list[str]) -> list[dict]:
+    """Train one configuration into run_dir (resuming; skipped when final/ is complete) -> its curves."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "train.log"), "a") as log:
+        if not os.path.exists(os.path.join(run_dir, "final", "COMPLETED")):
+            subprocess.run([sys.executable, "train.py", *flags, "--output_dir", run_dir, "--resume_from", "auto"],
+                           cwd=HERE, stdout=log, stderr=log, check=True)
+        if not os.path.exists(os.path.join(run_dir, "final", "eval.json")):  # train.py writes it at the end
+            subprocess.run([sys.executable, "evaluate.py", "--ckpt", os.path.join(run_dir, "final")],
+                           cwd=HERE, stdout=log, stderr=log, check=True)
+    lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in m.items() if not k.startswith("lr/")} for m in lines]
+
+
+def curve(result: dict, split: str) -> list[dict]:
+    """A run's logged metrics of one split, one per step in step order. A resumed run logs the
+    steps after its last checkpoint twice; the later line (from the completed attempt) wins."""
+    by_step = {m["step"]: m for m in result["curves"] if m["split"] == split}
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def run(exp: str, modes: list[str], seeds: list[int], data: str, extra: list[str], results_dir: str,
@@ -57,31 +115,186 @@ def run(exp: str, modes: list[str], seeds: list[int], data: str, extra: list[str
                 print(f"[{exp}] {name}: done, skipped")
                 continue
             run_dir = os.path.join(runs_dir, exp, name)
-            flags = ["--dataset", data, *EXPERIMENTS[exp], *MODES[mode], *extra, "--seed", str(seed),
-                     "--output_dir", run_dir, "--resume_from", "auto"]
+            flags = ["--dataset", data, *EXPERIMENTS[exp], *MODES[mode], *extra, "--seed", str(seed)]
             print(f"[{exp}] {name}: training ({run_dir}/train.log)", flush=True)
-            os.makedirs(run_dir, exist_ok=True)
             t0 = time.time()
-            with open(os.path.join(run_dir, "train.log"), "a") as log:
-                subprocess.run([sys.executable, "train.py", *flags], cwd=HERE, stdout=log, stderr=log, check=True)
-                subprocess.run([sys.executable, "evaluate.py", "--ckpt", os.path.join(run_dir, "final")],
-                               cwd=HERE, stdout=log, stderr=log, check=True)
-            lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+            curves = train_run(run_dir, flags)
             with open(os.path.join(run_dir, "final", "eval.json")) as f:
                 ev = json.load(f)
             out = dict(experiment=exp, mode=mode, seed=seed, flags=flags, wall_s=time.time() - t0,
-                       eval=ev["metrics"], per_pair=ev["per_pair"], data_report=ev["data_report"],
-                       curves=[{k: v for k, v in m.items() if not k.startswith("lr/")} for m in lines])
-            with open(result + ".tmp", "w") as f:
-                json.dump(out, f)
-            os.replace(result + ".tmp", result)
+                       eval=ev["metrics"], per_pair=ev["per_pair"], data_report=ev["data_report"], curves=curves)
+            write_json(result, out)
             print(f"[{exp}] {name}: acc {out['eval']['rewards/accuracies']:.3f}, "
                   f"loss@beta0 {out['eval']['loss_beta0']:.4f}, {out['wall_s'] / 60:.1f} min", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# E2
+
+
+def e2_prompts() -> tuple[list[str], list[str]]:
+    """(train prompts, held-out prompts): every framing of every subject, held-out subjects last."""
+    split = len(E2_SUBJECTS) - E2_HELDOUT
+    make = lambda subjects: [f.format(s) for s in subjects for f in E2_FRAMINGS]
+    return make(E2_SUBJECTS[:split]), make(E2_SUBJECTS[split:])
+
+
+def gold_reward(texts: list[str]) -> list[float]:
+    """The gold reward: VADER's compound sentiment in [-1, 1] (a fixed lexicon, no model)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], n: int, seed: int, batch_prompts: int = 16) -> list[dict]:
+    """n pure samples (temperature 1, no top-k/top-p: exact draws from the model, as the KL
+    estimate needs) per prompt -> [{prompt, prompt_ids, ids, text}], ids cut after the first eos."""
+    torch.manual_seed(seed)
+    eos, out = tokenizer.eos_token_id, []
+    for i in tqdm(range(0, len(prompts), batch_prompts), desc="sampling"):
+        chunk = prompts[i:i + batch_prompts]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in chunk]
+        enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+        gen = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
+                             max_new_tokens=E2_NEW_TOKENS, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                             use_cache=True)
+        for j, row in enumerate(gen[:, enc["input_ids"].shape[1]:].tolist()):
+            ids = row[:row.index(eos) + 1] if eos in row else row
+            k = j // n
+            prompt_ids = [t for t, m in zip(enc["input_ids"][k].tolist(), enc["attention_mask"][k].tolist()) if m]
+            out.append(dict(prompt=chunk[k], prompt_ids=prompt_ids, ids=ids,
+                            text=tokenizer.decode(ids, skip_special_tokens=True)))
+    return out
+
+
+@torch.no_grad()
+def response_logps(model, samples: list[dict], pad_token_id: int, batch: int = 32) -> torch.Tensor:
+    """log pi(y | x) summed over each sample's response tokens -> (N,)."""
+    out = []
+    for i in range(0, len(samples), batch):
+        rows = [dict(prompt_ids=s["prompt_ids"], chosen_ids=s["ids"], rejected_ids=s["ids"]) for s in samples[i:i + batch]]
+        b = {k: v[:len(rows)].to(model.device) for k, v in collate(rows, pad_token_id).items()}  # the chosen half
+        out.append(sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"]).cpu())
+    return torch.cat(out)
+
+
+def e2_score(model, reference, tokenizer, seed: int) -> dict:
+    """Sample the held-out prompts from `model`; mean gold reward and KL(model || reference)."""
+    samples = sample(model, tokenizer, e2_prompts()[1], E2_EVAL_SAMPLES, seed)
+    rewards = gold_reward([s["text"] for s in samples])
+    logratio = response_logps(model, samples, tokenizer.pad_token_id) - response_logps(reference, samples, tokenizer.pad_token_id)
+    n = len(samples)
+    sd = lambda x: float(torch.tensor(x, dtype=torch.float64).std()) / math.sqrt(n)
+    return dict(reward=sum(rewards) / n, reward_se=sd(rewards), kl=float(logratio.mean()), kl_se=sd(logratio.tolist()),
+                samples=n, length=sum(len(s["ids"]) for s in samples) / n,
+                examples=[dict(prompt=s["prompt"], text=s["text"], reward=r) for s, r in list(zip(samples, rewards))[::16]])
+
+
+def e2_pairs(path: str, seed: int = 0) -> None:
+    """Sample E2_SAMPLES responses per training prompt from the reference; pair best vs worst gold reward."""
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    ref = load_policy("smollm2-135m-instruct").eval()
+    samples = sample(ref, tokenizer, e2_prompts()[0], E2_SAMPLES, seed)
+    rewards = gold_reward([s["text"] for s in samples])
+    rows = []
+    for i in range(0, len(samples), E2_SAMPLES):
+        group = sorted(zip(rewards[i:i + E2_SAMPLES], [s["text"] for s in samples[i:i + E2_SAMPLES]]))
+        (lo, worst), (hi, best) = group[0], group[-1]
+        if hi - lo >= 0.05 and best.strip() != worst.strip():  # a tie says nothing about preference
+            rows.append(dict(prompt=samples[i]["prompt"], chosen=best, rejected=worst, chosen_reward=hi, rejected_reward=lo))
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    print(f"[e2] {len(rows)} pairs from {len(samples) // E2_SAMPLES} prompts -> {path}")
+
+
+def run_e2(modes: list[str], betas: list[float], extra: list[str], results_dir: str, runs_dir: str) -> None:
+    out_dir = os.path.join(results_dir, "e2")
+    os.makedirs(out_dir, exist_ok=True)
+    pairs = os.path.join(out_dir, "pairs.jsonl")
+    if not os.path.exists(pairs):
+        e2_pairs(pairs)
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    reference = load_policy("smollm2-135m-instruct").eval()
+    ref_result = os.path.join(out_dir, "reference.json")
+    if not os.path.exists(ref_result):  # the starting point of every curve: KL 0
+        write_json(ref_result, dict(mode="reference", beta=0.0, **e2_score(reference, reference, tokenizer, seed=1)))
+    for beta in betas:
+        for mode in modes:
+            name = f"{mode}-b{beta:g}"
+            result = os.path.join(out_dir, name + ".json")
+            if os.path.exists(result):
+                print(f"[e2] {name}: done, skipped")
+                continue
+            run_dir = os.path.join(runs_dir, "e2", name)
+            flags = ["--dataset", pairs, *E2_TRAIN, "--beta", str(beta), *MODES[mode], *extra, "--seed", "0"]
+            print(f"[e2] {name}: training ({run_dir}/train.log)", flush=True)
+            t0 = time.time()
+            curves = train_run(run_dir, flags)
+            policy = load_policy(os.path.join(run_dir, "final")).eval()
+            score = e2_score(policy, reference, tokenizer, seed=1)
+            write_json(result, dict(experiment="e2", mode=mode, beta=beta, flags=flags, wall_s=time.time() - t0, **score,
+                                    curves=curves))
+            print(f"[e2] {name}: reward {score['reward']:.3f}, KL {score['kl']:.2f}, {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a file atomically: a reader never sees half of it."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj))
+
+
+def data_stats(data: str, results_dir: str) -> None:
+    """Sizes and token-length statistics of E1's data (untruncated, and what E1's limits cut)
+    -> results/e1_data.json. Reads the data and the tokenizer only."""
+    flag = lambda name: EXPERIMENTS["e1"][EXPERIMENTS["e1"].index(name) + 1]
+    tokenizer = load_tokenizer(flag("--model_name_or_path"))
+    train, held = load_splits(data, "train", None, float(flag("--eval_fraction")), int(flag("--split_seed")))
+    out = dict(source=os.path.relpath(data, HERE) if os.path.exists(data) else data, rows=len(train) + len(held))
+    for name, rows in (("train", train[:int(flag("--max_train_examples"))]), ("eval", held[:int(flag("--max_eval_examples"))])):
+        full, _ = build_examples(rows, tokenizer, 10 ** 6, 10 ** 6 - 1, name=name)
+        _, cut = build_examples(rows, tokenizer, int(flag("--max_length")), int(flag("--max_prompt_length")), name=name)
+        q = lambda xs: dict(zip(("p10", "median", "p90", "max"), [sorted(xs)[int(f * (len(xs) - 1))] for f in (0.1, 0.5, 0.9, 1.0)]))
+        out[name] = dict(rows=len(rows), kept=cut["kept"], skipped=cut["skipped"], truncation=cut["truncation"],
+                         prompt_tokens=q([len(e["prompt_ids"]) for e in full]),
+                         chosen_tokens=q([len(e["chosen_ids"]) for e in full]),
+                         rejected_tokens=q([len(e["rejected_ids"]) for e in full]))
+    write_json(os.path.join(results_dir, "e1_data.json"), out)
+    print(json.dumps(out, indent=1))
+
+
+def splice(results_dir: str, block: str, text: str) -> None:
+    """Put text between <!-- BEGIN block --> and <!-- END block --> in the report.md beside
+    results_dir, so the report's tables are always the ones rebuilt from results/."""
+    path = os.path.join(os.path.dirname(os.path.abspath(results_dir)), "report.md")
+    if not os.path.exists(path):
+        return
+    doc = open(path).read()
+    begin, end = f"<!-- BEGIN {block} -->", f"<!-- END {block} -->"
+    if begin in doc and end in doc:
+        doc = doc[:doc.index(begin) + len(begin)] + "\n" + text.strip() + "\n" + doc[doc.index(end):]
+        with open(path, "w") as f:
+            f.write(doc)
+        print(f"updated the {block} block of report.md")
+
+
+def margins(per_pair: dict) -> list[float]:
+    """Each held-out pair's log-ratio margin (log pi - log ref)(chosen) - (log pi - log ref)(rejected)."""
+    p = per_pair
+    return [(pc - rc) - (pr - rr) for pc, rc, pr, rr in zip(p["policy_chosen_logps"], p["reference_chosen_logps"],
+                                                            p["policy_rejected_logps"], p["reference_rejected_logps"])]
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95% t-interval over seeds (nan for one seed)."""
     n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
     m = sum(values) / n
     if n < 2:
         return m, float("nan")
@@ -112,16 +325,15 @@ def report(exp: str, results_dir: str) -> None:
     fig_dir = os.path.join(results_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
 
-    # held-out loss at beta0 and mean beta over training, per mode (mean over seeds)
+    # training curves per mode (mean over seeds; each point is the batches since the last log)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for mode in modes:
         rs = [r for r in results if r["mode"] == mode]
-        for ax, split, key in ((axes[0], "eval", "loss_beta0"), (axes[1], "eval", "rewards/accuracies"),
-                               (axes[2], "train", "beta/mean")):
-            series = [{m["step"]: m[key] for m in r["curves"] if m["split"] == split} for r in rs]
+        for ax, key in ((axes[0], "loss_beta0"), (axes[1], "rewards_beta0/margins"), (axes[2], "beta/mean")):
+            series = [{m["step"]: m[key] for m in curve(r, "train")} for r in rs]
             steps = sorted(set.intersection(*[set(s) for s in series]))
             ax.plot(steps, [sum(s[t] for s in series) / len(series) for t in steps], marker="o", label=mode)
-            ax.set_title(f"{split} {key}")
+            ax.set_title(f"train {key} (mean over seeds)")
             ax.set_xlabel("step")
     axes[0].legend()
     fig.tight_layout()
@@ -133,8 +345,7 @@ def report(exp: str, results_dir: str) -> None:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for r in learn:
             p = r["per_pair"]
-            margin = [(pc - rc) - (pr - rr) for pc, rc, pr, rr in zip(p["policy_chosen_logps"], p["reference_chosen_logps"],
-                                                                      p["policy_rejected_logps"], p["reference_rejected_logps"])]
+            margin = margins(p)
             label = f"{r['mode']} s{r['seed']}"
             axes[0].scatter(p["ppl"], p["beta"], s=6, alpha=0.5, label=label)
             axes[1].scatter(margin, p["beta"], s=6, alpha=0.5, label=label)
@@ -145,25 +356,149 @@ def report(exp: str, results_dir: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(fig_dir, f"{exp}_beta.png"), dpi=110)
 
+    # differences to fixed beta, paired by seed (same data order and split)
+    fixed = {r["seed"]: r for r in results if r["mode"] == "fixed"}
+    rows += [] if not fixed else ["", "Difference to `fixed`, paired by seed (mean ± 95% CI; an interval containing 0 is no evidence of a difference):", "",
+             "| mode | seeds | Δ rewards/accuracies | Δ loss_beta0 | Δ rewards_beta0/margins |", "| --- | --- | --- | --- | --- |"]
+    for mode in modes[1:] if modes[0] == "fixed" else []:
+        rs = [r for r in results if r["mode"] == mode and r["seed"] in fixed]
+        cells = []
+        for k in ("rewards/accuracies", "loss_beta0", "rewards_beta0/margins"):
+            m, ci = mean_ci([r["eval"][k] - fixed[r["seed"]]["eval"][k] for r in rs])
+            cells.append(f"{m:+.4f}" + ("" if math.isnan(ci) else f" ± {ci:.4f}"))
+        rows.append(f"| {mode} | {len(rs)} | " + " | ".join(cells) + " |")
+
+    # beta analysis: how beta, w and the NN moved in training; beta by the sign of the held-out margin
+    if learn:
+        rows += ["", "Beta in the learnable modes (mean over seeds): training batches at the first, middle and last "
+                 "logged step (mean [min, max]); held-out pairs split by the sign of the log-ratio margin; w and the "
+                 "NN's weight norm at the start and end.", "",
+                 "| mode | beta start | beta middle | beta end | held-out beta, margin > 0 | margin < 0 | w start → end | NN norm end |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for mode in [m for m in modes if m.startswith("learnable")]:
+            rs = [r for r in results if r["mode"] == mode]
+            train = [curve(r, "train") for r in rs]
+            avg = lambda i, k: sum(t[i][k] for t in train) / len(train)
+            at = lambda i: f"{avg(i, 'beta/mean'):.3g} [{avg(i, 'beta/min'):.3g}, {avg(i, 'beta/max'):.3g}]"
+            n = min(len(t) for t in train)
+            pos, neg = [], []
+            for r in rs:
+                for b, m in zip(r["per_pair"]["beta"], margins(r["per_pair"])):
+                    (pos if m > 0 else neg).append(b)
+            mean = lambda xs: f"{sum(xs) / len(xs):.3g} (n={len(xs)})" if xs else "-"
+            rows.append(f"| {mode} | {at(0)} | {at(n // 2)} | {at(n - 1)} | {mean(pos)} | {mean(neg)} | "
+                        f"{avg(0, 'beta_head/w'):.4g} → {avg(n - 1, 'beta_head/w'):.4g} | {avg(n - 1, 'beta_head/nn_weight_norm'):.3g} |")
+            steps = [t["step"] for t in train[0][:n]]
+            for ax, key in ((axes[0], "beta/mean"), (axes[1], "beta_head/w"), (axes[2], "ppl/mean")):
+                ax.plot(steps, [avg(i, key) for i in range(n)], marker="o", label=mode)
+                ax.set(title=f"train {key} (mean over seeds)", xlabel="step")
+            axes[0].fill_between(steps, [avg(i, "beta/min") for i in range(n)], [avg(i, "beta/max") for i in range(n)], alpha=0.15)
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(fig_dir, f"{exp}_beta_training.png"), dpi=110)
+
     table = "\n".join(rows) + "\n"
     with open(os.path.join(results_dir, f"{exp}.md"), "w") as f:
         f.write(f"# {exp}: held-out metrics, mean ± 95% CI over seeds\n\n{table}")
+    splice(results_dir, exp, table)
+    data_path = os.path.join(results_dir, f"{exp}_data.json")
+    if os.path.exists(data_path):  # written by `experiments.py data`
+        d = json.load(open(data_path))
+        q = lambda x: "{p10} / {median} / {p90} / {max}".format(**x)
+        lines = [f"Source: `{d['source']}`, {d['rows']} pairs; the held-out split is a fixed 10% (`--split_seed 0`), "
+                 "the same for every mode and seed. Token counts with SmolLM2's chat template, before truncation "
+                 "(p10 / median / p90 / max):", "",
+                 "| split | rows used | kept | skipped | prompt tokens | chosen tokens | rejected tokens | truncated by the length limits |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name in ("train", "eval"):
+            x = d[name]
+            lines.append(f"| {name} | {x['rows']} | {x['kept']} | {x['skipped'] or 0} | {q(x['prompt_tokens'])} | "
+                         f"{q(x['chosen_tokens'])} | {q(x['rejected_tokens'])} | {x['truncation']} |")
+        splice(results_dir, f"{exp}_data", "\n".join(lines))
+    data = os.path.relpath(results[0]["flags"][1], HERE) if os.path.isabs(results[0]["flags"][1]) else results[0]["flags"][1]
+    lines = [f"Every {exp} run: `python train.py --dataset {data} {' '.join(EXPERIMENTS[exp])}` plus the mode's flags ("
+             + "; ".join(f"`{m}`: `{' '.join(MODES[m])}`" for m in MODES) + ") and `--seed 0|1|2`; train.py evaluates "
+             "the final policy on the held-out pairs (final/eval.json). AdamW (0.9, 0.999, eps 1e-8), no weight decay, "
+             "gradient clipping at 1.0, cosine decay after 10% warmup, fp32, 1 process. The first run of the study "
+             "(`fixed` seed 0) also built the reference log-prob cache that every other run reuses.", "",
+             "| mode | minutes per run (mean over seeds, train + eval) |", "| --- | --- |"]
+    for mode in modes:
+        lines.append(f"| {mode} | {mean_ci([r['wall_s'] / 60 for r in results if r['mode'] == mode])[0]:.1f} |")
+    splice(results_dir, "training", "\n".join(lines))
     print(table)
     print(f"wrote {results_dir}/{exp}.md and {fig_dir}/{exp}_*.png")
 
 
+def report_e2(results_dir: str) -> None:
+    """results/e2.md (reward and KL per mode and beta0) and the reward-KL frontier figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = os.path.join(results_dir, "e2")
+    ref_path = os.path.join(out_dir, "reference.json")
+    results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out_dir, "*-b*.json")))]
+    if not results or not os.path.exists(ref_path):
+        sys.exit(f"no results in {out_dir}/: run `python experiments.py run e2` first")
+    ref = json.load(open(ref_path))
+    pairs = [json.loads(x) for x in open(os.path.join(out_dir, "pairs.jsonl"))]
+    gap = sum(p["chosen_reward"] - p["rejected_reward"] for p in pairs) / max(1, len(pairs))
+    rows = [f"# e2: gold reward (VADER compound, held-out prompts) against KL(pi || pi_ref)\n",
+            f"{len(pairs)} training pairs (best vs worst of {E2_SAMPLES} reference samples; mean gold-reward gap "
+            f"{gap:.3f}); each trained policy scored on {results[0]['samples']} samples of the held-out prompts. "
+            f"Reference policy: reward {ref['reward']:.3f} ± {ref['reward_se']:.3f} (s.e., {ref['samples']} samples).\n",
+            "| mode | beta0 | reward ± s.e. | KL ± s.e. (nats) | reward gain / KL | final train beta mean | minutes |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    modes = [m for m in MODES if any(r["mode"] == m for r in results)]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.errorbar([0], [ref["reward"]], yerr=[ref["reward_se"]], fmt="k*", ms=10, label="reference")
+    for mode in modes:
+        rs = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["beta"])
+        for r in rs:
+            train = curve(r, "train")
+            gain = (r["reward"] - ref["reward"]) / r["kl"] if r["kl"] > 0 else float("nan")
+            rows.append(f"| {mode} | {r['beta']:g} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['kl']:.2f} ± {r['kl_se']:.2f} "
+                        f"| {gain:.3f} | {train[-1]['beta/mean']:.3g} | {r['wall_s'] / 60:.1f} |")
+        line = ax.errorbar([r["kl"] for r in rs], [r["reward"] for r in rs], xerr=[r["kl_se"] for r in rs],
+                           yerr=[r["reward_se"] for r in rs], marker="o", capsize=2, label=mode)
+        for r in rs:
+            ax.annotate(f"{r['beta']:g}", (r["kl"], r["reward"]), fontsize=7, color=line[0].get_color(),
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="KL(pi || pi_ref), nats per response (sampled estimate)", ylabel="mean gold reward (VADER compound)",
+           title="E2: reward vs KL frontier (labels: beta0)")
+    ax.legend()
+    fig.tight_layout()
+    fig_dir = os.path.join(results_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    fig.savefig(os.path.join(fig_dir, "e2_frontier.png"), dpi=110)
+    with open(os.path.join(results_dir, "e2.md"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    splice(results_dir, "e2", "\n".join(rows[1:]))
+    print("\n".join(rows))
+    print(f"wrote {results_dir}/e2.md and {fig_dir}/e2_frontier.png")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["run", "report"], help="run experiments, or rebuild tables and figures")
-    p.add_argument("experiment", nargs="?", default="e1", choices=sorted(EXPERIMENTS), help="which experiment")
+    p.add_argument("command", choices=["run", "report", "data"],
+                   help="run experiments, rebuild tables and figures, or write E1's data statistics")
+    p.add_argument("experiment", nargs="?", default="e1", choices=["e1", "e2"], help="which experiment")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="beta modes to run")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (e1)")
+    p.add_argument("--betas", nargs="+", type=float, default=E2_BETAS, help="beta0 sweep (e2)")
     p.add_argument("--data", default=HH, help="preference pairs (default: the shared HH-RLHF harmless-base sample)")
     p.add_argument("--results_dir", default=os.path.join(HERE, "results"), help="where result JSON, tables and figures go")
     p.add_argument("--runs_dir", default=os.path.join(HERE, "runs", "exp"), help="where the runs' checkpoints go")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every run (last)")
     args = p.parse_args()
-    if args.command == "run":
+    if args.command == "data":
+        data_stats(args.data, args.results_dir)
+    elif args.command == "run" and args.experiment == "e2":
+        run_e2(args.modes, args.betas, args.extra, args.results_dir, args.runs_dir)
+    elif args.command == "run":
         run(args.experiment, args.modes, args.seeds, args.data, args.extra, args.results_dir, args.runs_dir)
+    elif args.experiment == "e2":
+        report_e2(args.results_dir)
     else:
         report(args.experiment, args.results_dir)

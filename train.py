@@ -20,6 +20,7 @@ trainer_state.pt, run_config.json, COMPLETED).
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, summarize
 from data import DataError, PairBatchSampler, build_examples, collate, eval_batches, load_splits
-from evaluate import run_eval
+from evaluate import eval_metrics, run_eval, write_eval
 from model_loader import DEFAULT_MODEL, add_lora, frozen_copy, load_policy, load_tokenizer, make_accelerator
 
 
@@ -82,6 +83,10 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epsilon", type=float, default=0.1, help="f(h) = 1 + epsilon * tanh(NN(h)) lies in [1-eps, 1+eps]")
     p.add_argument("--nn_structure", default="linear", choices=["linear", "mlp"], help="the BetaHead's NN")
     p.add_argument("--mlp_hidden_size", type=int, default=256, help="hidden width of the mlp NN")
+    p.add_argument("--calibration_pairs", type=int, default=64,
+                   help="learnable: w starts so that the mean beta over the first this many training prompts is --beta")
+    p.add_argument("--ppl_transform", default="ppl", choices=["ppl", "log"],
+                   help="beta scales with the prompt PPL (the spec) or with log PPL (a stabiliser; learnable only)")
     p.add_argument("--beta_min", type=float, default=None, help="lower clamp of learnable beta (default beta/10)")
     p.add_argument("--beta_max", type=float, default=None, help="upper clamp of learnable beta (default beta*10)")
     p.add_argument("--beta_reg", type=float, default=0.0, help="weight of the penalty mean((log beta - log beta0)^2)")
@@ -123,8 +128,8 @@ def check_args(args, p) -> None:
     if args.beta_mode != "learnable":
         if args.beta_head_lr is not None:
             p.error("--beta_head_lr only applies to --beta_mode learnable")
-        if args.beta_reg or args.beta_grad_to_policy:
-            p.error("--beta_reg and --beta_grad_to_policy only apply to --beta_mode learnable")
+        if args.beta_reg or args.beta_grad_to_policy or args.ppl_transform != "ppl":
+            p.error("--beta_reg, --beta_grad_to_policy and --ppl_transform only apply to --beta_mode learnable")
     if args.beta_mode == "fixed":
         for flag in ("beta_min", "beta_max"):
             if getattr(args, flag) is not None:
@@ -155,6 +160,8 @@ def check_args(args, p) -> None:
         p.error(f"--lora_r must be >= 0; got {args.lora_r}")
     if not 0 <= args.warmup_ratio < 1:
         p.error(f"--warmup_ratio must be in [0, 1); got {args.warmup_ratio}")
+    if args.calibration_pairs < 1:
+        p.error(f"--calibration_pairs must be >= 1; got {args.calibration_pairs}")
     if args.beta_head_lr is not None and args.beta_head_lr <= 0:
         p.error(f"--beta_head_lr must be > 0; got {args.beta_head_lr}")
     if args.max_prompt_length >= args.max_length:
@@ -229,9 +236,9 @@ def check_resume(resume: str, args) -> None:
     """A checkpoint continues only the run it came from: same starting model, beta head and data
     order. Learning rates, betas, eps, weight decay and intervals may change on resume."""
     with open(os.path.join(resume, "run_config.json")) as f:
-        saved = json.load(f)
+        saved = {"ppl_transform": "ppl", **json.load(f)}  # runs from before --ppl_transform used ppl
     # the starting point, and what fixes the data order (a function of these and the step)
-    for key in ("model_name_or_path", "gguf_file", "beta_mode", "nn_structure", "epsilon", "mlp_hidden_size",
+    for key in ("model_name_or_path", "gguf_file", "beta_mode", "nn_structure", "epsilon", "mlp_hidden_size", "ppl_transform",
                 "dataset", "split", "split_seed", "max_train_examples", "seed", "batch_size", "gradient_accumulation_steps",
                 "max_length", "max_prompt_length", "no_chat_template", "lora_r", "lora_alpha", "lora_target_modules"):
         if saved.get(key) != getattr(args, key):
@@ -361,7 +368,7 @@ def main(argv=None):
             head = BetaHead.from_pretrained(resume)
         else:
             head = BetaHead(policy.config.get_text_config().hidden_size, args.nn_structure, args.epsilon,
-                            args.mlp_hidden_size)
+                            args.mlp_hidden_size, ppl_transform=args.ppl_transform)
     beta_dpo = BetaDPO(args.beta_dpo_alpha, args.beta_dpo_rho) if args.beta_mode == "beta_dpo" else None
     model = DynamicBetaDPOModel(policy, head, reference, args.beta, args.beta_min, args.beta_max,
                                 args.beta_reg, args.beta_grad_to_policy, beta_dpo)
@@ -416,15 +423,23 @@ def main(argv=None):
     train_iter = iter(loader)
 
     if head is not None and step == 0:
-        # w such that the mean beta over the first batch (of every process) is beta0: learnable and
-        # fixed runs start from the same average beta (f(h) = 1 at init, so only PPL spreads it).
-        b = to_device(next(iter(loader)))
-        n = b["input_ids"].shape[0] // 2
-        with torch.no_grad():
-            ppl, h = raw_model._prompt_stats(b["input_ids"][:n], b["prompt_mask"][:n])
-        raw_model.beta_head.rescale_(accelerator.gather(h), accelerator.gather(ppl), args.beta)
-        log(f"beta head: w initialised to {raw_model.beta_head.w.item():.4g} "
-            f"(first-batch PPL mean {accelerator.gather(ppl).mean().item():.4g})")
+        # w such that the mean beta over the first --calibration_pairs training prompts is beta0:
+        # learnable and fixed runs start from the same average beta (f(h) = 1 at init, so only PPL
+        # spreads it). One batch is not enough: prompt PPL is heavy-tailed, and a 4-prompt batch
+        # set the mean beta of a whole HH-RLHF run 2.5x off.
+        ppls, hs = [], []
+        with torch.no_grad(), accelerator.autocast():  # the precision training will use
+            for b in itertools.islice(iter(loader), math.ceil(args.calibration_pairs / (args.batch_size * accelerator.num_processes))):
+                b = to_device(b)
+                n = b["input_ids"].shape[0] // 2
+                ppl, h = raw_model._prompt_stats(b["input_ids"][:n], b["prompt_mask"][:n])
+                ppls.append(accelerator.gather(ppl))
+                hs.append(accelerator.gather(h))
+        ppl, h = torch.cat(ppls), torch.cat(hs)
+        raw_model.beta_head.rescale_(h, ppl, args.beta)
+        log(f"beta head: w initialised to {raw_model.beta_head.w.item():.4g}, the mean beta over the first {len(ppl)} "
+            f"training prompts is {args.beta} (their PPL: mean {ppl.mean().item():.4g}, min {ppl.min().item():.4g}, "
+            f"max {ppl.max().item():.4g})")
 
     # --- logging --------------------------------------------------------------------------------
     writer = None
@@ -445,29 +460,33 @@ def main(argv=None):
 
     def do_eval():
         stats = run_eval(model, eval_examples, args.eval_batch_size, accelerator, tokenizer.pad_token_id)
-        metrics = summarize(stats, args.beta, args.beta_min, args.beta_max)
+        metrics = eval_metrics(stats, args.beta, args.beta_min, args.beta_max, raw_model.beta_head)
         record(metrics, "eval", stats["beta"])
         log(f"step {step} eval: loss {metrics['loss']:.4f}, loss@beta0 {metrics['loss_beta0']:.4f}, "
             f"acc {metrics['rewards/accuracies']:.3f}, margin@beta0 {metrics['rewards_beta0/margins']:.4f}, "
             f"beta {metrics['beta/mean']:.4g}")
-        return metrics
+        return metrics, stats
 
     def save(path: str):
         accelerator.wait_for_everyone()
+        error = None
         if main_process:
             try:
                 save_checkpoint(path, raw_model, optimizer, tokenizer,
                                 dict(step=step, examples_seen=step * global_batch, skipped_steps=skipped_steps,
                                      num_processes=accelerator.num_processes,
                                      beta_dpo=beta_dpo.state_dict() if beta_dpo else None), args)
-            except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-                raise DataError(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); earlier complete "
-                                f"checkpoints are untouched: {complete_checkpoints(run_dir)}") from None
-            if args.save_total_limit and "checkpoints" in path:
-                for old in complete_checkpoints(run_dir)[:-args.save_total_limit]:
-                    shutil.rmtree(old)
-            log(f"saved {path}")
-        accelerator.wait_for_everyone()
+                if args.save_total_limit and "checkpoints" in path:
+                    for old in complete_checkpoints(run_dir)[:-args.save_total_limit]:
+                        shutil.rmtree(old)
+                log(f"saved {path}")
+            except Exception as e:  # e.g. a full disk (torch.save reports it as RuntimeError)
+                error = (f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); earlier complete "
+                         f"checkpoints are untouched: {complete_checkpoints(run_dir)}")
+        # every process learns whether the save worked (no rank is left waiting for a failed one)
+        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "max").item()
+        if failed:
+            raise DataError(error or f"the main process could not write checkpoint {path} (its error says why)")
 
     # --- the loop -------------------------------------------------------------------------------
     log(f"training {max_steps} steps of {global_batch} pairs ({args.batch_size} x "
@@ -555,8 +574,12 @@ def main(argv=None):
     if step < max_steps:
         return None
 
-    final_metrics = do_eval()
+    final_metrics, stats = do_eval()
     save(os.path.join(run_dir, "final"))
+    if main_process:  # what `python evaluate.py --ckpt RUN/final` would write, from this same eval
+        write_eval(os.path.join(run_dir, "final"), stats, final_metrics, eval_report,
+                   f"{eval_report['kept']} held-out pairs, evaluated at the end of training, "
+                   f"beta_mode={args.beta_mode}, beta0={args.beta}.", dict(ckpt=os.path.join(run_dir, "final")))
     if args.merge_lora and main_process:
         merged = os.path.join(run_dir, "final", "merged")
         raw_model.policy_model.merge_and_unload().save_pretrained(merged, safe_serialization=True)

@@ -67,6 +67,21 @@ def test_beta_head_starts_at_w_times_ppl_and_rescales():
     assert head(h, ppl).mean().item() == pytest.approx(0.1, rel=1e-5)
 
 
+def test_log_ppl_transform_formula_and_round_trip(tmp_path):
+    """The log-PPL stabiliser: beta = w * log(ppl) * f(h), kept through save/load."""
+    torch.manual_seed(0)
+    head = BetaHead(8, "linear", epsilon=0.3, init_w=0.05, ppl_transform="log")
+    torch.nn.init.normal_(head.nn.weight)
+    h, ppl = torch.randn(5, 8), torch.tensor([1.5, 5.0, 20.0, 80.0, 160.0])
+    expected = 0.05 * ppl.log() * (1 + 0.3 * torch.tanh(h @ head.nn.weight[0] + head.nn.bias[0]))
+    assert torch.allclose(head(h, ppl), expected, rtol=1e-5)
+    head.save_pretrained(str(tmp_path))
+    loaded = BetaHead.from_pretrained(str(tmp_path))
+    assert loaded.ppl_transform == "log" and torch.equal(loaded(h, ppl), head(h, ppl))
+    with pytest.raises(ValueError, match="ppl_transform"):
+        BetaHead(8, ppl_transform="sqrt")
+
+
 def test_beta_head_rejects_bad_config():
     with pytest.raises(ValueError, match="epsilon"):
         BetaHead(8, epsilon=1.0)

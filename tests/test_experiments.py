@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,10 +23,59 @@ def test_run_skip_and_report(tiny_qwen2_dir, tmp_path):
     assert {m["split"] for m in r["curves"]} == {"train", "eval"}
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.stdout.count("done, skipped") == 2
+    with open(tmp_path / "report.md", "w") as f:  # report.md beside results/ gets its blocks rebuilt
+        f.write("intro\n<!-- BEGIN e1 -->\nstale\n<!-- END e1 -->\nend\n")
     rep = subprocess.run([sys.executable, "experiments.py", "report", "e1", "--results_dir", res], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr
     table = open(os.path.join(res, "e1.md")).read()
+    doc = open(tmp_path / "report.md").read()
+    assert "stale" not in doc and "| fixed | 1 |" in doc and doc.startswith("intro") and doc.endswith("<!-- END e1 -->\nend\n")
     assert "| fixed | 1 |" in table and "| learnable | 1 |" in table
     assert os.path.getsize(os.path.join(res, "figures", "e1_curves.png")) > 10_000
     assert os.path.exists(os.path.join(res, "figures", "e1_beta.png"))
+    assert os.path.exists(os.path.join(res, "figures", "e1_beta_training.png"))
+    assert "Difference to `fixed`" in table and re.search(r"\| learnable \| 1 \| [+-]\d", table)  # the paired row
+
+
+def test_e2_prompts_hold_out_whole_subjects():
+    import experiments as E
+    train, held = E.e2_prompts()
+    assert len(train) == (len(E.E2_SUBJECTS) - E.E2_HELDOUT) * len(E.E2_FRAMINGS)
+    assert len(held) == E.E2_HELDOUT * len(E.E2_FRAMINGS) and not set(train) & set(held)
+    for subject in E.E2_SUBJECTS[-E.E2_HELDOUT:]:  # a held-out subject never appears in training
+        assert not any(subject in p for p in train)
+
+
+def test_gold_reward_orders_sentiment():
+    import experiments as E
+    good, neutral, bad = E.gold_reward(["What a wonderful, happy day!", "The bus leaves at nine.", "This is awful and sad."])
+    assert good > 0.5 and bad < -0.5 and abs(neutral) < 0.1
+
+
+def test_e2_sampling_and_sequence_logps(tiny_qwen2_dir, monkeypatch):
+    """Samples are cut after the first eos and reproducible from the seed; their summed log-probs
+    equal a plain full-vocabulary computation; e2_score scores every held-out sample."""
+    import torch
+    import experiments as E
+    from model_loader import load_policy, load_tokenizer
+    tok, model = load_tokenizer(tiny_qwen2_dir), load_policy(tiny_qwen2_dir).eval()
+    prompts = ["Write one sentence about a rainy Monday.", "Describe the city bus in one sentence."]
+    monkeypatch.setattr(E, "E2_NEW_TOKENS", 12)
+    samples = E.sample(model, tok, prompts, n=3, seed=0)
+    assert [s["prompt"] for s in samples] == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert samples == E.sample(model, tok, prompts, n=3, seed=0)
+    for s in samples:
+        assert 1 <= len(s["ids"]) <= E.E2_NEW_TOKENS and tok.eos_token_id not in s["ids"][:-1]
+        assert tok.decode(s["prompt_ids"]).endswith(tok.apply_chat_template(
+            [{"role": "user", "content": s["prompt"]}], tokenize=False, add_generation_prompt=True)[-20:])
+    logps = E.response_logps(model, samples, tok.pad_token_id, batch=4)
+    for s, lp in zip(samples, logps):
+        ids = torch.tensor([s["prompt_ids"] + s["ids"]])
+        with torch.no_grad():
+            full = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        assert lp.item() == __import__("pytest").approx(full[len(s["prompt_ids"]) - 1:].sum().item(), abs=1e-3)
+    monkeypatch.setattr(E, "E2_EVAL_SAMPLES", 1)
+    monkeypatch.setattr(E, "E2_NEW_TOKENS", 4)
+    score = E.e2_score(model, model, tok, seed=0)
+    assert -1 <= score["reward"] <= 1 and score["samples"] == E.E2_HELDOUT * len(E.E2_FRAMINGS)

@@ -40,10 +40,21 @@ def test_reference_cache_hit_miss_stale(tiny_qwen2_dir, tmp_path, capsys):
     for a, b in zip(train_lines(first), train_lines(tmp_path / "second")):
         assert a["loss"] == b["loss"] and a["rewards/margins"] == b["rewards/margins"]
 
+    # evaluate.py reuses the run's cache for its held-out pairs (hit), and computes the reference
+    # itself for other pairs (miss); both agree with train.py's own final evaluation
+    final = tmp_path / "second" / "final"
+    from_train = json.load(open(final / "eval.json"))["metrics"]
+    hit = evaluate.main(["--ckpt", str(final)])
+    assert "reference cache hit" in capsys.readouterr().out
+    miss = evaluate.main(["--ckpt", str(final), "--max_examples", "5"])
+    assert "reference cache written" in capsys.readouterr().out and miss["pairs"] == 5
+    for k in ("loss", "rewards/margins", "logratio/chosen"):
+        assert hit[k] == pytest.approx(from_train[k], rel=1e-5, abs=1e-6), k
+
     # miss: other tokenisation settings make other token ids
     train.main(common(tiny_qwen2_dir, tmp_path / "third", *args, "--no_chat_template"))
     assert "reference cache hit" not in capsys.readouterr().out
-    assert len(os.listdir(cache)) == 4
+    assert len(os.listdir(cache)) == 5  # + evaluate.py's 5-pair cache
 
     # stale: a damaged or foreign file under the right name is detected, never used
     victim = sorted(cache.iterdir())[0]

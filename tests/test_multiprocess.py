@@ -20,16 +20,17 @@ ARGS = ["--beta_mode", "learnable", "--max_steps", "4", "--log_every_steps", "1"
         "--save_total_limit", "0", "--beta_head_lr", "1e-2", "--eval_batch_size", "2"]
 
 
-def torchrun(args, nproc=2):
+def torchrun(args, nproc=2, script=("train.py",), expect_rc=0, timeout=600):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={port}", "train.py", *args]
+           f"--master_port={port}", *script, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res.stdout + res.stderr
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    out = res.stdout + res.stderr
+    assert (res.returncode == 0) == (expect_rc == 0), out[-6000:]
+    return out
 
 
 def train_lines(run):
@@ -63,3 +64,38 @@ def test_two_processes_equal_one_and_resume(tiny_qwen2_dir, tmp_path):
     torchrun(common(tiny_qwen2_dir, three, *ARGS, "--batch_size", "1", "--resume_from", "auto"))
     w3 = load_file(str(three / "final" / "model.safetensors"))
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
+
+
+needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@needs_gloo
+def test_failed_save_on_main_process_stops_every_process(tiny_qwen2_dir, tmp_path):
+    """Rank 0's checkpoint write fails (disk full): both processes stop with the error instead of
+    rank 1 waiting forever at the next collective; the earlier checkpoint survives."""
+    out = tmp_path / "run"
+    log = torchrun(common(tiny_qwen2_dir, out, *ARGS, "--batch_size", "1"),
+                   script=("tests/fault_train.py", "disk_full_on_main"), expect_rc=1, timeout=300)
+    assert "could not write checkpoint" in log and "No space left on device" in log
+    assert "the main process could not write checkpoint" in log  # rank 1's own message
+    assert [os.path.basename(c) for c in train.complete_checkpoints(str(out))] == ["step_2"]
+
+
+@needs_gloo
+def test_sigterm_on_one_process_checkpoints_all_and_resumes(tiny_qwen2_dir, tmp_path):
+    """A SIGTERM that reaches only rank 1 stops both processes after the same step, with one
+    complete checkpoint and exit 0; --resume_from auto then finishes with the weights of an
+    uninterrupted run."""
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    args = [*ARGS, "--batch_size", "1", "--save_every_steps", "0"]
+    log = torchrun(common(tiny_qwen2_dir, out, *args), script=("tests/fault_train.py", "sigterm_rank1_at_step_2"))
+    assert "stopped by signal at step" in log and "--resume_from auto" in log
+    (ckpt,) = train.complete_checkpoints(str(out))
+    assert not (out / "final").exists()
+    stopped_at = int(os.path.basename(ckpt)[5:])
+    assert 1 <= stopped_at < 4
+    torchrun(common(tiny_qwen2_dir, out, *args, "--resume_from", "auto"))
+    torchrun(common(tiny_qwen2_dir, ref, *args))
+    w, w_ref = load_file(str(out / "final" / "model.safetensors")), load_file(str(ref / "final" / "model.safetensors"))
+    assert all(torch.equal(w[k], w_ref[k]) for k in w_ref)

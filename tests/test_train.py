@@ -50,7 +50,13 @@ def test_train_save_evaluate_round_trip(tiny_qwen2_dir, tmp_path):
         assert key in train_lines[-1], key
     assert train_lines[0]["beta/mean"] == pytest.approx(0.1, rel=0.5)  # w calibrated to beta0
 
+    # train.py's own final eval.json has the same keys and values as evaluate.py's
+    from_train = json.load(open(final / "eval.json"))
+    assert len(from_train["per_pair"]["beta"]) == 8 and from_train["metrics"]["pairs"] == 8
     metrics = evaluate.main(["--ckpt", str(final), "--batch_size", "4"])
+    assert set(metrics) == set(from_train["metrics"])
+    for key in metrics:
+        assert metrics[key] == pytest.approx(from_train["metrics"][key], rel=1e-4, abs=1e-6), key
     saved = json.load(open(final / "eval.json"))["metrics"]
     assert saved == pytest.approx(metrics)
     assert metrics["pairs"] == 8 and (final / "eval.md").exists()
@@ -58,6 +64,17 @@ def test_train_save_evaluate_round_trip(tiny_qwen2_dir, tmp_path):
     eval_line = [m for m in lines if m["split"] == "eval"][-1]
     for key in ("loss", "rewards/accuracies", "rewards/margins", "beta/mean", "ppl/mean"):
         assert metrics[key] == pytest.approx(eval_line[key], rel=1e-4, abs=1e-6), key
+
+
+def test_w_is_calibrated_on_the_first_training_prompts(tiny_qwen2_dir, tmp_path):
+    """With --calibration_pairs = one step's pairs, the first step's mean beta is exactly beta0
+    (f(h) = 1 and the policy has not moved yet); with more pairs it is beta0 only on average."""
+    def first_beta(out, pairs):
+        train.main(common(tiny_qwen2_dir, out, "--beta_mode", "learnable", "--max_steps", "1", "--log_every_steps", "1",
+                          "--beta", "0.2", "--calibration_pairs", str(pairs)))
+        return json.loads(open(out / "metrics.jsonl").readline())["beta/mean"]
+    assert first_beta(tmp_path / "a", 2) == pytest.approx(0.2, rel=1e-5)
+    assert first_beta(tmp_path / "b", 16) != pytest.approx(0.2, rel=1e-5)
 
 
 def test_resume_is_exact(tiny_qwen2_dir, tmp_path):

@@ -21,7 +21,7 @@ pass --data with the same split downloaded from the hub): one fixed held-out spl
 the reference log-probs cached once and shared by all modes and seeds.
 
 E2: the DPO paper's controlled sentiment experiment. Prompts written here; 4 samples per training
-prompt from SmolLM2-135M-Instruct (the reference; E2 always uses it), scored by the VADER
+prompt from the reference (--e2_model, default SmolLM2-135M-Instruct), scored by the VADER
 sentiment lexicon; pairs = best vs worst; each mode trained for every beta0 in E2_BETAS; each
 trained policy sampled on held-out prompts for its mean gold reward and a Monte-Carlo estimate of
 KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)] (responses cut at 40 tokens).
@@ -76,7 +76,7 @@ E2_FRAMINGS = ["Write one sentence about {}.", "Describe {} in one sentence.", "
 E2_HELDOUT = 5
 E2_BETAS = [0.05, 0.1, 0.2, 0.5]
 E2_SAMPLES, E2_EVAL_SAMPLES, E2_NEW_TOKENS = 4, 4, 40
-E2_TRAIN = ["--model_name_or_path", "smollm2-135m-instruct", "--eval_fraction", "0.1", "--split_seed", "0",
+E2_TRAIN = ["--eval_fraction", "0.1", "--split_seed", "0",
             "--max_length", "112", "--max_prompt_length", "64", "--batch_size", "4", "--gradient_accumulation_steps", "2",
             "--num_epochs", "1", "--policy_lr", "2e-5", "--warmup_ratio", "0.1", "--log_every_steps", "2",
             "--eval_every_steps", "0", "--save_every_steps", "0", "--eval_batch_size", "16", "--precompute_ref"]
@@ -192,10 +192,10 @@ def e2_score(model, reference, tokenizer, seed: int) -> dict:
                 examples=[dict(prompt=s["prompt"], text=s["text"], reward=r) for s, r in list(zip(samples, rewards))[::16]])
 
 
-def e2_pairs(path: str, seed: int = 0) -> None:
+def e2_pairs(path: str, model: str, seed: int = 0) -> None:
     """Sample E2_SAMPLES responses per training prompt from the reference; pair best vs worst gold reward."""
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    ref = load_policy("smollm2-135m-instruct").eval()
+    tokenizer = load_tokenizer(model)
+    ref = load_policy(model).eval()
     samples = sample(ref, tokenizer, e2_prompts()[0], E2_SAMPLES, seed)
     rewards = gold_reward([s["text"] for s in samples])
     rows = []
@@ -208,14 +208,17 @@ def e2_pairs(path: str, seed: int = 0) -> None:
     print(f"[e2] {len(rows)} pairs from {len(samples) // E2_SAMPLES} prompts -> {path}")
 
 
-def run_e2(modes: list[str], betas: list[float], extra: list[str], results_dir: str, runs_dir: str) -> None:
+def run_e2(modes: list[str], betas: list[float], extra: list[str], results_dir: str, runs_dir: str,
+           model: str = "smollm2-135m-instruct") -> None:
+    """E2 with `model` as the reference: it writes the pairs, starts every policy and anchors the KL
+    (a results_dir holds the pairs of one model)."""
     out_dir = os.path.join(results_dir, "e2")
     os.makedirs(out_dir, exist_ok=True)
     pairs = os.path.join(out_dir, "pairs.jsonl")
     if not os.path.exists(pairs):
-        e2_pairs(pairs)
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    reference = load_policy("smollm2-135m-instruct").eval()
+        e2_pairs(pairs, model)
+    tokenizer = load_tokenizer(model)
+    reference = load_policy(model).eval()
     ref_result = os.path.join(out_dir, "reference.json")
     if not os.path.exists(ref_result):  # the starting point of every curve: KL 0
         write_json(ref_result, dict(mode="reference", beta=0.0, **e2_score(reference, reference, tokenizer, seed=1)))
@@ -227,7 +230,8 @@ def run_e2(modes: list[str], betas: list[float], extra: list[str], results_dir: 
                 print(f"[e2] {name}: done, skipped")
                 continue
             run_dir = os.path.join(runs_dir, "e2", name)
-            flags = ["--dataset", pairs, *E2_TRAIN, "--beta", str(beta), *MODES[mode], *extra, "--seed", "0"]
+            flags = ["--dataset", pairs, "--model_name_or_path", model, *E2_TRAIN, "--beta", str(beta), *MODES[mode],
+                     *extra, "--seed", "0"]
             print(f"[e2] {name}: training ({run_dir}/train.log)", flush=True)
             t0 = time.time()
             curves = train_run(run_dir, flags)
@@ -290,6 +294,16 @@ def margins(per_pair: dict) -> list[float]:
                                                             p["policy_rejected_logps"], p["reference_rejected_logps"])]
 
 
+def head_factor(result: dict) -> list[float]:
+    """f(h) = beta / (w * PPL) (or w * log PPL) of each held-out pair of a learnable run, from the
+    saved per-pair beta and PPL and the final w; pairs whose beta was clamped are left out."""
+    p, w = result["per_pair"], result["eval"]["beta_head/w"]
+    log = "--ppl_transform" in result["flags"] and result["flags"][result["flags"].index("--ppl_transform") + 1] == "log"
+    lo, hi = min(p["beta"]), max(p["beta"])  # clamped values sit exactly at the bounds
+    return [b / (w * (max(math.log(x), 1e-3) if log else x)) for b, x in zip(p["beta"], p["ppl"])
+            if not (result["eval"]["beta/clamped_frac"] > 0 and b in (lo, hi))]
+
+
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95% t-interval over seeds (nan for one seed)."""
     n = len(values)
@@ -320,6 +334,7 @@ def report(exp: str, results_dir: str) -> None:
         for k in keys + ["wall_s"]:
             vals = [r["wall_s"] / 60 if k == "wall_s" else r["eval"][k] for r in rs]
             m, ci = mean_ci(vals)
+            m = 0.0 if abs(m) < 1e-6 else m  # a constant's float std, not a spread
             cells.append(f"{m:.4g}" + ("" if math.isnan(ci) else f" ± {ci:.2g}"))
         rows.append(f"| {mode} | {len(rs)} | " + " | ".join(cells) + " |")
     fig_dir = os.path.join(results_dir, "figures")
@@ -373,9 +388,9 @@ def report(exp: str, results_dir: str) -> None:
         rows += ["", "Beta in the learnable modes (mean over seeds): training batches at the first, middle and last "
                  "logged step (mean [min, max]); held-out pairs split by the sign of the log-ratio margin; w and the "
                  "NN's weight norm at the start and end.", "",
-                 "| mode | beta start | beta middle | beta end | held-out beta, margin > 0 | margin < 0 | w start → end | NN norm end |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+                 "| mode | beta start | beta middle | beta end | held-out beta, margin > 0 | margin < 0 | w start → end | NN norm end | held-out f(h) mean [min, max] |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        fig, axes = plt.subplots(1, 4, figsize=(19, 4))
         for mode in [m for m in modes if m.startswith("learnable")]:
             rs = [r for r in results if r["mode"] == mode]
             train = [curve(r, "train") for r in rs]
@@ -387,12 +402,16 @@ def report(exp: str, results_dir: str) -> None:
                 for b, m in zip(r["per_pair"]["beta"], margins(r["per_pair"])):
                     (pos if m > 0 else neg).append(b)
             mean = lambda xs: f"{sum(xs) / len(xs):.3g} (n={len(xs)})" if xs else "-"
+            f = [x for r in rs for x in head_factor(r)]
             rows.append(f"| {mode} | {at(0)} | {at(n // 2)} | {at(n - 1)} | {mean(pos)} | {mean(neg)} | "
-                        f"{avg(0, 'beta_head/w'):.4g} → {avg(n - 1, 'beta_head/w'):.4g} | {avg(n - 1, 'beta_head/nn_weight_norm'):.3g} |")
+                        f"{avg(0, 'beta_head/w'):.4g} → {avg(n - 1, 'beta_head/w'):.4g} | {avg(n - 1, 'beta_head/nn_weight_norm'):.3g} | "
+                        f"{sum(f) / len(f):.4f} [{min(f):.4f}, {max(f):.4f}] |")
             steps = [t["step"] for t in train[0][:n]]
-            for ax, key in ((axes[0], "beta/mean"), (axes[1], "beta_head/w"), (axes[2], "ppl/mean")):
+            for ax, key in ((axes[0], "beta/mean"), (axes[2], "beta_head/nn_weight_norm"), (axes[3], "ppl/mean")):
                 ax.plot(steps, [avg(i, key) for i in range(n)], marker="o", label=mode)
                 ax.set(title=f"train {key} (mean over seeds)", xlabel="step")
+            axes[1].plot(steps, [avg(i, "beta_head/w") / avg(0, "beta_head/w") for i in range(n)], marker="o", label=mode)
+            axes[1].set(title="w / w at the first logged step (mean over seeds)", xlabel="step")
             axes[0].fill_between(steps, [avg(i, "beta/min") for i in range(n)], [avg(i, "beta/max") for i in range(n)], alpha=0.15)
         axes[0].legend()
         fig.tight_layout()
@@ -447,9 +466,12 @@ def report_e2(results_dir: str) -> None:
     rows = [f"# e2: gold reward (VADER compound, held-out prompts) against KL(pi || pi_ref)\n",
             f"{len(pairs)} training pairs (best vs worst of {E2_SAMPLES} reference samples; mean gold-reward gap "
             f"{gap:.3f}); each trained policy scored on {results[0]['samples']} samples of the held-out prompts. "
-            f"Reference policy: reward {ref['reward']:.3f} ± {ref['reward_se']:.3f} (s.e., {ref['samples']} samples).\n",
-            "| mode | beta0 | reward ± s.e. | KL ± s.e. (nats) | reward gain / KL | final train beta mean | minutes |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+            f"Reference policy: reward {ref['reward']:.3f} ± {ref['reward_se']:.3f} (s.e., {ref['samples']} samples). "
+            f"Every run: `python train.py --dataset results/e2/pairs.jsonl --model_name_or_path MODEL {' '.join(E2_TRAIN)} "
+            "--beta BETA0 --seed 0` plus the mode's flags (as in E1); the KL is estimated from the same samples "
+            "as the reward, responses cut at 40 tokens; s.e. treats the samples as independent (4 per prompt).\n",
+            "| mode | beta0 | reward ± s.e. | KL ± s.e. (nats) | reward gain / KL | train beta mean, first → last log | train prompt PPL mean, first → last | minutes |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     modes = [m for m in MODES if any(r["mode"] == m for r in results)]
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.errorbar([0], [ref["reward"]], yerr=[ref["reward_se"]], fmt="k*", ms=10, label="reference")
@@ -459,7 +481,8 @@ def report_e2(results_dir: str) -> None:
             train = curve(r, "train")
             gain = (r["reward"] - ref["reward"]) / r["kl"] if r["kl"] > 0 else float("nan")
             rows.append(f"| {mode} | {r['beta']:g} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['kl']:.2f} ± {r['kl_se']:.2f} "
-                        f"| {gain:.3f} | {train[-1]['beta/mean']:.3g} | {r['wall_s'] / 60:.1f} |")
+                        f"| {gain:.3f} | {train[0]['beta/mean']:.3g} → {train[-1]['beta/mean']:.3g} "
+                        f"| {train[0]['ppl/mean']:.1f} → {train[-1]['ppl/mean']:.1f} | {r['wall_s'] / 60:.1f} |")
         line = ax.errorbar([r["kl"] for r in rs], [r["reward"] for r in rs], xerr=[r["kl_se"] for r in rs],
                            yerr=[r["reward_se"] for r in rs], marker="o", capsize=2, label=mode)
         for r in rs:
@@ -487,6 +510,8 @@ if __name__ == "__main__":
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="beta modes to run")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (e1)")
     p.add_argument("--betas", nargs="+", type=float, default=E2_BETAS, help="beta0 sweep (e2)")
+    p.add_argument("--e2_model", default="smollm2-135m-instruct",
+                   help="e2's reference model (samples the pairs, starts every policy); give each model its own --results_dir")
     p.add_argument("--data", default=HH, help="preference pairs (default: the shared HH-RLHF harmless-base sample)")
     p.add_argument("--results_dir", default=os.path.join(HERE, "results"), help="where result JSON, tables and figures go")
     p.add_argument("--runs_dir", default=os.path.join(HERE, "runs", "exp"), help="where the runs' checkpoints go")
@@ -495,7 +520,7 @@ if __name__ == "__main__":
     if args.command == "data":
         data_stats(args.data, args.results_dir)
     elif args.command == "run" and args.experiment == "e2":
-        run_e2(args.modes, args.betas, args.extra, args.results_dir, args.runs_dir)
+        run_e2(args.modes, args.betas, args.extra, args.results_dir, args.runs_dir, args.e2_model)
     elif args.command == "run":
         run(args.experiment, args.modes, args.seeds, args.data, args.extra, args.results_dir, args.runs_dir)
     elif args.experiment == "e2":

@@ -276,8 +276,8 @@ def splice(results_dir: str, block: str, text: str) -> None:
     """Put text between <!-- BEGIN block --> and <!-- END block --> in the report.md beside
     results_dir, so the report's tables are always the ones rebuilt from results/."""
     path = os.path.join(os.path.dirname(os.path.abspath(results_dir)), "report.md")
-    if not os.path.exists(path):
-        return
+    if os.path.basename(os.path.abspath(results_dir)) != "results" or not os.path.exists(path):
+        return  # only the report beside a results/ directory (other studies keep their own tables)
     doc = open(path).read()
     begin, end = f"<!-- BEGIN {block} -->", f"<!-- END {block} -->"
     if begin in doc and end in doc:

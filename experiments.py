@@ -32,6 +32,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -97,6 +98,16 @@ def train_run(run_dir: str, flags: list[str]) -> list[dict]:
     return [{k: v for k, v in m.items() if not k.startswith("lr/")} for m in lines]
 
 
+def prune(run_dir: str) -> None:
+    """Once a run's result file is written, drop what only resuming needed: the step checkpoints
+    and the final optimizer state (~1.5 GB of the ~2 GB a SmolLM2 run writes). final/ keeps the
+    policy, the BetaHead and eval.json."""
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+    state = os.path.join(run_dir, "final", "trainer_state.pt")
+    if os.path.exists(state):
+        os.remove(state)
+
+
 def curve(result: dict, split: str) -> list[dict]:
     """A run's logged metrics of one split, one per step in step order. A resumed run logs the
     steps after its last checkpoint twice; the later line (from the completed attempt) wins."""
@@ -105,7 +116,7 @@ def curve(result: dict, split: str) -> list[dict]:
 
 
 def run(exp: str, modes: list[str], seeds: list[int], data: str, extra: list[str], results_dir: str,
-        runs_dir: str) -> None:
+        runs_dir: str, keep: bool = False) -> None:
     os.makedirs(os.path.join(results_dir, exp), exist_ok=True)
     for seed in seeds:  # seed-major, so a partial run already compares modes
         for mode in modes:
@@ -124,6 +135,8 @@ def run(exp: str, modes: list[str], seeds: list[int], data: str, extra: list[str
             out = dict(experiment=exp, mode=mode, seed=seed, flags=flags, wall_s=time.time() - t0,
                        eval=ev["metrics"], per_pair=ev["per_pair"], data_report=ev["data_report"], curves=curves)
             write_json(result, out)
+            if not keep:
+                prune(run_dir)
             print(f"[{exp}] {name}: acc {out['eval']['rewards/accuracies']:.3f}, "
                   f"loss@beta0 {out['eval']['loss_beta0']:.4f}, {out['wall_s'] / 60:.1f} min", flush=True)
 
@@ -209,7 +222,7 @@ def e2_pairs(path: str, model: str, seed: int = 0) -> None:
 
 
 def run_e2(modes: list[str], betas: list[float], extra: list[str], results_dir: str, runs_dir: str,
-           model: str = "smollm2-135m-instruct") -> None:
+           model: str = "smollm2-135m-instruct", keep: bool = False) -> None:
     """E2 with `model` as the reference: it writes the pairs, starts every policy and anchors the KL
     (a results_dir holds the pairs of one model)."""
     out_dir = os.path.join(results_dir, "e2")
@@ -239,6 +252,8 @@ def run_e2(modes: list[str], betas: list[float], extra: list[str], results_dir: 
             score = e2_score(policy, reference, tokenizer, seed=1)
             write_json(result, dict(experiment="e2", mode=mode, beta=beta, flags=flags, wall_s=time.time() - t0, **score,
                                     curves=curves))
+            if not keep:
+                prune(run_dir)
             print(f"[e2] {name}: reward {score['reward']:.3f}, KL {score['kl']:.2f}, {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
@@ -515,14 +530,18 @@ if __name__ == "__main__":
     p.add_argument("--data", default=HH, help="preference pairs (default: the shared HH-RLHF harmless-base sample)")
     p.add_argument("--results_dir", default=os.path.join(HERE, "results"), help="where result JSON, tables and figures go")
     p.add_argument("--runs_dir", default=os.path.join(HERE, "runs", "exp"), help="where the runs' checkpoints go")
+    p.add_argument("--keep_checkpoints", action="store_true",
+                   help="keep every run's step checkpoints and final optimizer state (default: drop them once the "
+                        "run's result file exists; a SmolLM2 run writes ~2 GB)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every run (last)")
     args = p.parse_args()
     if args.command == "data":
         data_stats(args.data, args.results_dir)
     elif args.command == "run" and args.experiment == "e2":
-        run_e2(args.modes, args.betas, args.extra, args.results_dir, args.runs_dir, args.e2_model)
+        run_e2(args.modes, args.betas, args.extra, args.results_dir, args.runs_dir, args.e2_model, args.keep_checkpoints)
     elif args.command == "run":
-        run(args.experiment, args.modes, args.seeds, args.data, args.extra, args.results_dir, args.runs_dir)
+        run(args.experiment, args.modes, args.seeds, args.data, args.extra, args.results_dir, args.runs_dir,
+            args.keep_checkpoints)
     elif args.experiment == "e2":
         report_e2(args.results_dir)
     else:

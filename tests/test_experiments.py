@@ -21,6 +21,11 @@ def test_run_skip_and_report(tiny_qwen2_dir, tmp_path):
     r = json.load(open(os.path.join(res, "e1", "learnable-s0.json")))
     assert r["mode"] == "learnable" and len(r["per_pair"]["beta"]) == 8
     assert {m["split"] for m in r["curves"]} == {"train", "eval"}
+    # once its result is written a run keeps its final policy, not what only resuming needed
+    run_dir = os.path.join(runs, "e1", "learnable-s0")
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+    assert sorted(n for n in os.listdir(os.path.join(run_dir, "final")) if n.endswith((".safetensors", ".pt"))) == \
+        ["beta_head.safetensors", "model.safetensors"]
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.stdout.count("done, skipped") == 2
     with open(tmp_path / "report.md", "w") as f:  # report.md beside results/ gets its blocks rebuilt

@@ -3,15 +3,19 @@ Training-step benchmark: our fused DPO step against the seed's literal design an
 
     python bench.py                    # SmolLM2-135M-Instruct, 4 HH-RLHF pairs x <=256 tokens, fp32, CPU
     python bench.py --memory_sweep     # peak RSS vs sequence length, tiny Qwen2 with the 151,936 vocabulary
+    python bench.py --profile          # where one ours-learnable step spends its time
 
 Every config runs in its own process (so its peak RSS is its own), on the same model weights,
 the same pairs in the same order, batch shape, precision, seed and thread count; the configs run
 in rounds, order rotated each round. Throughputs are medians over all measured steps; ratios are
 medians over steps of paired ratios (the same batch in the same round), which cancels the spread
 between batches and slow drifts of the machine's speed. One step = forward, backward,
-clip_grad_norm_ (1.0), AdamW step, zero_grad:
+clip_grad_norm_ (1.0), fused AdamW step (train.py's and TRL's default), zero_grad:
 
-  ours-fixed / ours-learnable   DynamicBetaDPOModel, one concatenated forward (beta_head None / BetaHead)
+  ours-fixed / ours-learnable   DynamicBetaDPOModel (beta_head None / BetaHead): one forward in which each
+                                pair's prompt runs once for both responses, packed without padding
+  ours-unshared                 ours-learnable with share_prompt=False (train.py --no_prompt_sharing): the
+                                padded concatenated (2B, T) forward, each prompt twice
   seed                          the seed's literal design, `seed_loss` below: a no-grad prompt forward
                                 for PPL and h, then separate chosen / rejected forwards with full logits
   trl                           trl.DPOTrainer (sigmoid loss), timed per step by a callback in train()
@@ -19,7 +23,10 @@ clip_grad_norm_ (1.0), AdamW step, zero_grad:
 
 FLOPs per step (model FLOPs, attention scores ignored, N = all parameters, tied embedding once):
   6 N x policy tokens + 2 N x reference tokens (0 with a cache) + 2 N x prompt tokens (seed only),
-where tokens are real (non-pad) tokens; the % is of an fp32 2048^3 matmul measured in the same run.
+where tokens are the real (non-pad) tokens the config runs through the model: with a shared prompt
+each prompt counts once, otherwise twice; the % is of an fp32 2048^3 matmul measured in the same
+run. "real tokens/s" counts every config's tokens the conventional way (each prompt twice), so it
+compares configs on the same work.
 CPU only: peak memory is the process's peak RSS (ru_maxrss), which includes imports and the model.
 
 --memory_sweep: one step of ours-learnable, seed and trl (each with a reference model), 2 pairs of
@@ -47,7 +54,7 @@ from model_loader import build_tiny_qwen2, frozen_copy, load_policy, load_tokeni
 ROOT = os.path.dirname(os.path.abspath(__file__))
 HH_PAIRS = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
 DEEPSEEK_TOKENIZER = os.path.join(ROOT, "..", "shared", "tokenizers", "deepseek-r1-distill-qwen")
-CONFIGS = [f"{c}{s}" for s in ("", "+cache") for c in ("ours-fixed", "ours-learnable", "seed", "trl")]
+CONFIGS = [f"{c}{s}" for s in ("", "+cache") for c in ("ours-fixed", "ours-learnable", "ours-unshared", "seed", "trl")]
 SWEEP_CONFIGS = ["ours-learnable", "seed", "trl"]
 BETA, LR = 0.1, 1e-6
 
@@ -71,9 +78,13 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory_sweep", action="store_true",
                    help="instead: peak RSS of one step at --sweep_lengths, batch 2 pairs, tiny Qwen2 with the real vocabulary")
     p.add_argument("--sweep_lengths", default="256,512,1024,2048", help="sequence lengths of --memory_sweep")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where one ours-learnable step spends its time (torch.profiler, after the warm-up): "
+                        "the matmuls' share of the step and their own GFLOP/s against the matmul peak")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)      # internal: run one config
     p.add_argument("--_model_dir", default=None, help=argparse.SUPPRESS)   # internal: converted weights
     p.add_argument("--_sweep_len", type=int, default=0, help=argparse.SUPPRESS)  # internal: synthetic pairs
+    p.add_argument("--_profile", action="store_true", help=argparse.SUPPRESS)   # internal: profile a step
     args = p.parse_args(argv)
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
@@ -149,7 +160,7 @@ def setup_trl(args, policy, tok, examples, rows, cache: bool, tmp: str, n_steps:
     config = DPOConfig(
         output_dir=tmp, report_to=[], use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
         loss_type=["sigmoid"], beta=BETA, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",  # = our torch.optim.AdamW (TRL's default is fused)
+        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused",  # TRL's default, = train.py's AdamW(fused=True)
         max_length=args.max_length, precompute_ref_log_probs=cache, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, max_steps=n_steps, train_sampling_strategy="sequential",
         dataloader_num_workers=0, disable_dropout=True, seed=args.seed, save_strategy="no",
@@ -205,23 +216,32 @@ def worker(args) -> dict:
         reference = frozen_copy(policy)
         head = BetaHead(policy.config.get_text_config().hidden_size) if kind != "ours-fixed" else None
         # w is not calibrated to beta0 here: the value of beta does not change the cost of a step
-        model = DynamicBetaDPOModel(policy, head, reference, beta=BETA)
+        model = DynamicBetaDPOModel(policy, head, reference, beta=BETA, share_prompt=kind != "ours-unshared")
         if cache:  # reference log-probs once, before timing; then no reference model in memory
             for b in batches:
                 b["reference_logps"] = (seed_reference_logps(reference, b) if kind == "seed" else
-                                        model.reference_logps(b["input_ids"], b["attention_mask"], b["loss_mask"]))
+                                        model.reference_logps(b["input_ids"], b["attention_mask"], b["loss_mask"],
+                                                            b["prompt_mask"]))
             model.__dict__["reference_model"] = reference = None
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)  # as train.py
         result["rss_before_steps_gb"] = current_rss_gb()
-        times = []
-        for b in batches:
-            t0 = time.perf_counter()
+
+        def step(b):
             loss = seed_loss(policy, reference, head, b) if kind == "seed" else model(**b)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+        if args._profile:  # the warm-up steps, then one profiled step
+            for b in batches[:args.warmup_steps]:
+                step(b)
+            return dict(result, **profile_step(step, batches[args.warmup_steps]))
+        times = []
+        for b in batches:
+            t0 = time.perf_counter()
+            step(b)
             times.append(time.perf_counter() - t0)
 
     assert len(times) == len(batches), f"{name}: timed {len(times)} of {len(batches)} steps"
@@ -231,6 +251,20 @@ def worker(args) -> dict:
                   peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                   n_params=sum(p.numel() for p in policy.parameters()))
     return result
+
+
+def profile_step(step, batch) -> dict:
+    """One step under torch.profiler (with FLOP counting): the step's wall time, the self time of
+    every op, and the matmuls' (mm, addmm, bmm) FLOPs."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        t0 = time.perf_counter()
+        step(batch)
+        wall = time.perf_counter() - t0
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    mm = [e for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    return dict(step_s=wall, ops=[(e.key, e.self_cpu_time_total / 1e6, e.count) for e in ops[:12]],
+                matmul_s=sum(e.self_cpu_time_total for e in mm) / 1e6, matmul_flops=sum(e.flops for e in mm))
 
 
 def current_rss_gb() -> float:
@@ -284,13 +318,16 @@ def summarize(name: str, runs: list[dict], peak: float) -> dict:
     tokens = [n for r in runs for n in r["real_tokens"]]
     prompts = [n for r in runs for n in r["prompt_tokens"]]
     N, cache = runs[0]["n_params"], name.endswith("+cache")
-    flops = [N * (6 * n + (0 if cache else 2 * n) + (2 * p if name.startswith("seed") else 0))
-             for n, p in zip(tokens, prompts)]
+    shared = name.startswith(("ours-fixed", "ours-learnable"))  # each prompt runs once
+    computed = [n - p if shared else n for n, p in zip(tokens, prompts)]
+    flops = [N * (6 * c + (0 if cache else 2 * c) + (2 * p if name.startswith("seed") else 0))
+             for c, p in zip(computed, prompts)]
     gflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e9
     return dict(config=name, median_step_s=statistics.median(times), steps_measured=len(times),
                 pairs_per_s=runs[0]["batch_size"] / statistics.median(times),
                 real_tokens_per_s=statistics.median(n / t for n, t in zip(tokens, times)),
-                real_tokens_per_step=statistics.mean(tokens), peak_rss_gb=max(r["peak_rss_gb"] for r in runs),
+                real_tokens_per_step=statistics.mean(tokens), computed_tokens_per_step=statistics.mean(computed),
+                peak_rss_gb=max(r["peak_rss_gb"] for r in runs),
                 rss_before_steps_gb=max(r["rss_before_steps_gb"] for r in runs), gflops=gflops,
                 pct_of_peak=100 * gflops / peak)
 
@@ -338,7 +375,8 @@ def main_bench(args, model_dir: str) -> dict:
               f"{row['pct_of_peak']:.1f} |")
     print()
     for suffix in ("", "+cache"):  # the same paired medians, for the other comparisons of the issue
-        for a, b in (("ours-fixed", "ours-learnable"), ("ours-learnable", "seed")):
+        for a, b in (("ours-fixed", "ours-learnable"), ("ours-learnable", "seed"), ("ours-learnable", "ours-unshared"),
+                     ("ours-unshared", "seed")):
             ratio = paired(runs, a + suffix, b + suffix)
             if ratio is not None:
                 print(f"step time {b + suffix} / {a + suffix}: {ratio:.3f}")
@@ -347,9 +385,28 @@ def main_bench(args, model_dir: str) -> dict:
         print(f"real tokens per measured step: {rows[0]['real_tokens_per_step']:.0f}, the same token ids for every config. "
               f"For the record, TRL's own tokenisation of the {r['pairs']} pairs: {r['trl_own_tokenisation']['real_tokens']} "
               f"real tokens in {r['trl_own_tokenisation']['pairs']} pairs kept; ours: {sum(r['all_real_tokens'])} in {r['pairs']}")
+    r0 = runs[names[0]][0]
     print("FLOPs/step = 6 N x policy tokens + 2 N x reference tokens (0 with +cache) + 2 N x prompt tokens (seed), "
-          f"N = {runs[names[0]][0]['n_params'] / 1e6:.1f}M")
+          f"N = {r0['n_params'] / 1e6:.1f}M; tokens are those run through the model: "
+          f"{statistics.mean(n - p for n, p in zip(r0['real_tokens'], r0['prompt_tokens'])):.0f} per step when each prompt "
+          "runs once (ours-fixed, ours-learnable), "
+          f"{rows[0]['real_tokens_per_step']:.0f} when it runs twice")
     return dict(matmul_gflops=dict(start=peak_before, peak=peak), summary=rows, runs=runs)
+
+
+def main_profile(args, model_dir: str) -> dict:
+    peak = matmul_gflops(args.threads)
+    res = run_config(args, "ours-learnable", model_dir, ["--_profile"])
+    mm_rate = res["matmul_flops"] / res["matmul_s"] / 1e9
+    print(f"ours-learnable, one step (batch {args.warmup_steps + 1}, {res['real_tokens'][args.warmup_steps]} real tokens) "
+          f"under torch.profiler: {res['step_s']:.2f} s wall; fp32 matmul peak {peak:.1f} GFLOP/s\n")
+    print("| op | self time s | share of step | calls |")
+    print("| --- | ---: | ---: | ---: |")
+    for key, t, n in res["ops"]:
+        print(f"| {key[:60]} | {t:.3f} | {100 * t / res['step_s']:.1f}% | {n} |")
+    print(f"\nmatmuls (mm, addmm, bmm): {res['matmul_s']:.2f} s = {100 * res['matmul_s'] / res['step_s']:.1f}% of the step, "
+          f"{res['matmul_flops'] / 1e9:.0f} GFLOP at {mm_rate:.1f} GFLOP/s = {100 * mm_rate / peak:.1f}% of the matmul peak")
+    return dict(matmul_gflops=peak, profile=res)
 
 
 def main_sweep(args, model_dir: str) -> dict:
@@ -378,7 +435,8 @@ if __name__ == "__main__":
         sys.exit(0)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = prepare_model(args, tmp)
-        out = main_sweep(args, model_dir) if args.memory_sweep else main_bench(args, model_dir)
+        main = main_sweep if args.memory_sweep else main_profile if args.profile else main_bench
+        out = main(args, model_dir)
     with open(args.json, "w") as f:
         json.dump(dict(args=vars(args), **out), f, indent=1)
     print(f"wrote {args.json}")

@@ -248,12 +248,15 @@ class DynamicBetaDPOModel(nn.Module):
                            back to the fixed beta that also acts on clamped values;
       beta_grad_to_policy  False (default): PPL and h are detached, so the policy cannot lower
                            the loss by changing its own prompt perplexity to move beta.
+    share_prompt=True runs each pair's prompt once for both responses (run_model's packed layout);
+    False runs the padded (2B, T) batch as it is. Same values, different cost.
     """
 
     def __init__(self, policy_model: nn.Module, beta_head: BetaHead | None = None,
                  reference_model: nn.Module | None = None, beta: float = 0.1,
                  beta_min: float = 0.0, beta_max: float = math.inf, beta_reg: float = 0.0,
-                 beta_grad_to_policy: bool = False, beta_dpo: BetaDPO | None = None):
+                 beta_grad_to_policy: bool = False, beta_dpo: BetaDPO | None = None,
+                 share_prompt: bool = True):
         super().__init__()
         if beta_dpo is not None and beta_head is not None:
             raise ValueError("beta_dpo (batch-level beta) and a BetaHead (per-prompt beta) exclude each other")
@@ -267,6 +270,7 @@ class DynamicBetaDPOModel(nn.Module):
         self.beta, self.beta_min, self.beta_max = beta, beta_min, beta_max
         self.beta_reg, self.beta_grad_to_policy = beta_reg, beta_grad_to_policy
         self.beta_dpo = beta_dpo
+        self.share_prompt = share_prompt
 
     # --- the spec's methods: the prompt on its own -------------------------------------------
 
@@ -302,14 +306,16 @@ class DynamicBetaDPOModel(nn.Module):
 
     @torch.no_grad()
     def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        loss_mask: torch.Tensor) -> torch.Tensor:
+                        loss_mask: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Sequence log-probs (N,) of the response tokens under the reference. With no reference
-        model and a LoRA (peft) policy, the reference is the policy with its adapters disabled."""
+        model and a LoRA (peft) policy, the reference is the policy with its adapters disabled.
+        With prompt_mask (and share_prompt) the rows are pairs and each prompt runs once."""
+        prompt_mask = prompt_mask if self.share_prompt else None
         if self.reference_model is not None:
-            return sequence_logps(self.reference_model, input_ids, attention_mask, loss_mask)
+            return sequence_logps(self.reference_model, input_ids, attention_mask, loss_mask, prompt_mask)
         if hasattr(self.policy_model, "disable_adapter"):
             with self.policy_model.disable_adapter():
-                return sequence_logps(self.policy_model, input_ids, attention_mask, loss_mask)
+                return sequence_logps(self.policy_model, input_ids, attention_mask, loss_mask, prompt_mask)
         raise ValueError("no reference: pass reference_model, a LoRA policy, or reference_logps")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
@@ -322,7 +328,7 @@ class DynamicBetaDPOModel(nn.Module):
         Returns (loss, stats) where stats holds detached (B,) tensors for summarize().
         """
         B = input_ids.shape[0] // 2
-        hidden = run_model(self.policy_model, input_ids, attention_mask)
+        hidden = run_model(self.policy_model, input_ids, attention_mask, prompt_mask if self.share_prompt else None)
         response = loss_mask[:, 1:].bool()
         prompt = (prompt_mask[:, 1:] * prompt_mask[:, :-1]).bool()
         prompt[B:] = False  # the rejected half's prompt repeats the chosen half's
@@ -334,7 +340,7 @@ class DynamicBetaDPOModel(nn.Module):
         beta, raw_beta = self.beta_from(ppl, h)
 
         if reference_logps is None:
-            reference_logps = self.reference_logps(input_ids, attention_mask, loss_mask)
+            reference_logps = self.reference_logps(input_ids, attention_mask, loss_mask, prompt_mask)
         weights = None
         if self.beta_dpo is not None:  # batch-level beta from the reward margins at beta0
             logratios = seq_logps.detach() - reference_logps
@@ -360,13 +366,30 @@ class DynamicBetaDPOModel(nn.Module):
         return loss, stats
 
 
-def run_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One forward of a Hugging Face causal LM -> final hidden states (B, T, H), without logits.
+def run_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward of a Hugging Face causal LM -> final hidden states (N, T, H), without logits.
 
     logits_to_keep=[] skips the lm_head (token_logps applies it in chunks to the positions it
     needs); the last entry of hidden_states is the final norm's output, i.e. lm_head's input.
     Position ids are derived from the mask, so left- and right-padded rows give the same values.
+
+    With prompt_mask, rows [:N/2] and [N/2:] are pairs sharing a prompt, and for models that take
+    a custom 4D mask (can_pack; others ignore prompt_mask) the forward runs on the packed layout
+    of pack_pairs: each prompt once, almost no padding. The hidden states come back in the padded
+    (N, T) layout, the rejected rows' prompt positions holding the shared prompt's, so callers see
+    no difference but the cost.
     """
+    if prompt_mask is not None and can_pack(model):
+        pack = pack_pairs(input_ids, attention_mask, prompt_mask)
+        mask = pack["attention_mask"]
+        if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        out = model(input_ids=pack["input_ids"], attention_mask=mask, position_ids=pack["position_ids"],
+                    output_hidden_states=True, use_cache=False,
+                    logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
+        hidden = out.hidden_states[-1]
+        return hidden.flatten(0, 1)[pack["unpack"]].view(*input_ids.shape, hidden.shape[-1])
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -374,10 +397,84 @@ def run_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     return out.hidden_states[-1]
 
 
+def can_pack(model: nn.Module) -> bool:
+    """Whether run_model can give this model pack_pairs' 4D mask: its attention takes a custom mask
+    (sdpa, eager; flash-attention kernels do not) and no layer uses a sliding window (the custom
+    mask would replace the window)."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and getattr(config, "sliding_window", None) is None
+            and "sliding_attention" not in (getattr(config, "layer_types", None) or []))
+
+
+def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor) -> dict:
+    """The shared-prompt layout of a pair batch. input_ids, attention_mask, prompt_mask (2B, T),
+    rows [:B] prompt+chosen and [B:] prompt+rejected with equal prompts.
+
+    Each pair becomes one unit [prompt | chosen | rejected] with positions 0..p-1, p..p+c-1,
+    p..p+r-1 and a mask in which every token sees the earlier tokens of its unit except that
+    rejected never sees chosen: each response attends to exactly the context it has in the padded
+    layout, so the forward is the same function computed once per prompt instead of twice, and
+    gradients through the prompt sum over both responses as they would. Units go into rows of
+    the longest unit's length, first-fit decreasing; the few leftover positions are padding that
+    attends only to itself. Returns input_ids, position_ids (R, L), attention_mask (R, 1, L, L),
+    bool, True = may attend, and unpack (2B*T,): each padded position's index in the flattened
+    (R*L) layout (padding positions point anywhere).
+    """
+    N, T = input_ids.shape
+    B, device = N // 2, input_ids.device
+    am, pm = attention_mask.bool().cpu(), (prompt_mask.bool() & attention_mask.bool()).cpu()
+    ids = input_ids.cpu()
+    units = []  # per pair: its tokens' flat positions in the padded batch, position ids, part (0 prompt,
+    #             1 chosen, 2 rejected), and the rejected row's prompt positions, which read the shared prompt
+    for i in range(B):
+        p, pr = pm[i].nonzero().squeeze(1), pm[B + i].nonzero().squeeze(1)
+        if not torch.equal(ids[i, p], ids[B + i, pr]):
+            raise ValueError(f"pair {i}: the chosen and rejected rows have different prompts; "
+                             "run_model(prompt_mask=...) needs the pair layout of data.collate")
+        c, r = (am[i] & ~pm[i]).nonzero().squeeze(1), (am[B + i] & ~pm[B + i]).nonzero().squeeze(1)
+        n_p = len(p)
+        units.append(dict(src=torch.cat([i * T + p, i * T + c, (B + i) * T + r]),
+                          pos=torch.cat([torch.arange(n_p), n_p + torch.arange(len(c)), n_p + torch.arange(len(r))]),
+                          part=torch.cat([torch.zeros(n_p), torch.ones(len(c)), torch.full((len(r),), 2.0)]),
+                          alias=(B + i) * T + pr))
+    L = max(len(u["src"]) for u in units)
+    rows, used = [], []  # the units in each row, and the row's filled length
+    for k in sorted(range(B), key=lambda k: -len(units[k]["src"])):  # first-fit decreasing
+        n = len(units[k]["src"])
+        j = next((j for j in range(len(rows)) if used[j] + n <= L), len(rows))
+        if j == len(rows):
+            rows.append([])
+            used.append(0)
+        rows[j].append(k)
+        used[j] += n
+    R = len(rows)
+    src = torch.zeros(R * L, dtype=torch.long)        # padded-batch position feeding each packed slot
+    pos = torch.zeros(R * L, dtype=torch.long)
+    part = torch.zeros(R * L)
+    unit = -1 - torch.arange(R * L)                   # padding: a unit of its own per slot
+    unpack = torch.zeros(N * T, dtype=torch.long)
+    for j, members in enumerate(rows):
+        start = j * L
+        for k in members:
+            u, n = units[k], len(units[k]["src"])
+            sl = slice(start, start + n)
+            src[sl], pos[sl], part[sl], unit[sl] = u["src"], u["pos"], u["part"], k
+            unpack[u["src"]] = torch.arange(start, start + n)
+            unpack[u["alias"]] = unpack[u["src"][:len(u["alias"])]]
+            start += n
+    q, kv = unit.view(R, L, 1), unit.view(R, 1, L)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    mask = (q == kv) & causal & ~((part.view(R, L, 1) == 2) & (part.view(R, 1, L) == 1))
+    return dict(input_ids=input_ids.flatten()[src.to(device)].view(R, L), position_ids=pos.view(R, L).to(device),
+                attention_mask=mask.unsqueeze(1).to(device), unpack=unpack.to(device))
+
+
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   loss_mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-probs (N,) of the tokens marked by loss_mask (N, T) under a causal LM."""
-    hidden = run_model(model, input_ids, attention_mask)
+                   loss_mask: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed log-probs (N,) of the tokens marked by loss_mask (N, T) under a causal LM
+    (with prompt_mask: rows [:N/2], [N/2:] are pairs, see run_model)."""
+    hidden = run_model(model, input_ids, attention_mask, prompt_mask)
     response = loss_mask[:, 1:].bool()
     return (token_logps(hidden, model.get_output_embeddings(), input_ids, response) * response).sum(-1)
 

@@ -124,7 +124,8 @@ def main(argv=None):
         beta_dpo = BetaDPO(cfg["beta_dpo_alpha"], cfg["beta_dpo_rho"])
         beta_dpo.load_state_dict(torch.load(os.path.join(args.ckpt, "trainer_state.pt"), weights_only=True)["beta_dpo"])
     model = DynamicBetaDPOModel(policy, head, reference, beta=cfg["beta"], beta_min=cfg["beta_min"],
-                                beta_max=cfg["beta_max"], beta_dpo=beta_dpo)
+                                beta_max=cfg["beta_max"], beta_dpo=beta_dpo,
+                                share_prompt=not cfg.get("no_prompt_sharing", False))
     if cfg.get("precompute_ref"):  # the run's reference cache covers its held-out split: reuse it
         from train import add_reference_cache  # here, not at the top: train imports this module
         model.policy_model.to(accelerator.device)  # a LoRA policy is its own reference

@@ -55,6 +55,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA alpha")
     p.add_argument("--lora_target_modules", default="all-linear", help="comma-separated module names, or all-linear (LoRA only)")
     p.add_argument("--merge_lora", action="store_true", help="also write final/merged/: the policy with adapters merged (LoRA only)")
+    p.add_argument("--no_prompt_sharing", action="store_true",
+                   help="run the padded (2B, T) batch as it is instead of each pair's prompt once for both responses "
+                        "(same values; sharing needs an sdpa/eager model without sliding windows, others never share)")
     p.add_argument("--precompute_ref", action="store_true",
                    help="compute reference log-probs once (cached on disk, reused by later runs) and train without a reference model")
     p.add_argument("--ref_cache_dir", default=os.path.join("runs", "ref_cache"), help="where --precompute_ref keeps its caches")
@@ -275,8 +278,8 @@ def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], args, 
         for idx in tqdm(batches, desc="reference log-probs", disable=not accelerator.is_main_process):
             b = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_token_id).items()}
             with accelerator.autocast():
-                parts.append(accelerator.gather(model.reference_logps(b["input_ids"], b["attention_mask"], b["loss_mask"])
-                                                .view(2, -1).T.contiguous()))
+                parts.append(accelerator.gather(model.reference_logps(b["input_ids"], b["attention_mask"], b["loss_mask"],
+                                                                   b["prompt_mask"]).view(2, -1).T.contiguous()))
         logps = torch.cat(parts)[:len(examples)].cpu()
         cached = dict(key=key, chosen=logps[:, 0].contiguous(), rejected=logps[:, 1].contiguous())
         if accelerator.is_main_process:
@@ -371,7 +374,8 @@ def main(argv=None):
                             args.mlp_hidden_size, ppl_transform=args.ppl_transform)
     beta_dpo = BetaDPO(args.beta_dpo_alpha, args.beta_dpo_rho) if args.beta_mode == "beta_dpo" else None
     model = DynamicBetaDPOModel(policy, head, reference, args.beta, args.beta_min, args.beta_max,
-                                args.beta_reg, args.beta_grad_to_policy, beta_dpo)
+                                args.beta_reg, args.beta_grad_to_policy, beta_dpo,
+                                share_prompt=not args.no_prompt_sharing)
     policy.to(accelerator.device)
     if args.precompute_ref:  # then train with no reference model in memory
         for examples in (train_examples, eval_examples):
@@ -391,7 +395,7 @@ def main(argv=None):
         groups.append(dict(params=list(head.parameters()), lr=args.beta_head_lr, weight_decay=0.0))
     for g in groups:
         g["peak_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=True)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import small_qwen2
 
-from beta_head import (BetaHead, DynamicBetaDPOModel, dpo_loss, masked_ppl, summarize, token_logps)
+from beta_head import (BetaHead, DynamicBetaDPOModel, can_pack, dpo_loss, masked_ppl, pack_pairs, run_model,
+                       summarize, token_logps)
 from data import collate
 from model_loader import frozen_copy
 
@@ -185,6 +186,85 @@ def test_masked_positions_are_ignored():
         b, sb = model(**other)
     assert torch.allclose(a, b, atol=1e-6)
     assert torch.allclose(sa["ppl"], sb["ppl"], rtol=1e-5)
+
+
+# --- the shared-prompt packed forward ----------------------------------------------------------
+
+
+def test_pack_pairs_layout_by_hand():
+    """Two pairs: prompt 3 / chosen 2 / rejected 1 and prompt 1 / chosen 1 / rejected 3 tokens."""
+    exs = [dict(prompt_ids=[11, 12, 13], chosen_ids=[21, 22], rejected_ids=[31]),
+           dict(prompt_ids=[14], chosen_ids=[23], rejected_ids=[32, 33, 34])]
+    b = collate(exs, pad_token_id=0)
+    pack = pack_pairs(b["input_ids"], b["attention_mask"], b["prompt_mask"])
+    # units of 6 and 5 tokens: the longest sets the row length, the second unit gets its own row
+    assert pack["input_ids"].shape == (2, 6)
+    assert pack["input_ids"][0].tolist() == [11, 12, 13, 21, 22, 31]
+    assert pack["input_ids"][1, :5].tolist() == [14, 23, 32, 33, 34]
+    assert pack["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3]      # rejected continues the prompt, not chosen
+    assert pack["position_ids"][1, :5].tolist() == [0, 1, 1, 2, 3]
+    m = pack["attention_mask"][0, 0]
+    assert m[5].tolist() == [True, True, True, False, False, True]      # rejected sees the prompt and itself only
+    assert m[4].tolist() == [True, True, True, True, True, False]       # chosen sees the prompt and earlier chosen
+    assert m[2].tolist() == [True, True, True, False, False, False]     # the prompt sees no response
+    assert pack["attention_mask"][1, 0, 5].tolist() == [False] * 5 + [True]  # padding attends only to itself
+    # every padded position with a token maps to the packed slot holding the same token
+    flat_ids = pack["input_ids"].flatten()[pack["unpack"]].view(b["input_ids"].shape)
+    real = b["attention_mask"].bool()
+    assert torch.equal(flat_ids[real], b["input_ids"][real])
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("learnable", [True, False])
+def test_shared_prompt_equals_padded_forward_values_and_gradients(impl, side, learnable):
+    """share_prompt runs each prompt once in a packed layout; the loss, every per-example stat and
+    every gradient equal those of the padded (2B, T) forward that runs each prompt twice."""
+    model = make_model(learnable=learnable)
+    for m in (model.policy_model, model.reference_model):
+        m.config._attn_implementation = impl
+    batch = collate(pairs(), 0, side)
+    results = []
+    for share in (False, True):
+        model.share_prompt = share
+        model.zero_grad()
+        loss, stats = model(**batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), stats, grads))
+    (la, sa, ga), (lb, sb, gb) = results
+    assert torch.allclose(la, lb, atol=1e-6)
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-5), k
+    assert set(ga) == set(gb) and len(ga) > 10
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-7), n
+    assert max(g.abs().max() for g in ga.values()) > 1e-3  # the gradients compared are not all zero
+
+
+def test_pack_pairs_refuses_pairs_with_different_prompts():
+    b = collate(pairs(), 0)
+    b["input_ids"][4, 0] += 1  # the rejected row of pair 1 now has another prompt
+    with pytest.raises(ValueError, match="different prompts"):
+        pack_pairs(b["input_ids"], b["attention_mask"], b["prompt_mask"])
+
+
+def test_no_packing_where_a_custom_mask_would_be_wrong():
+    """Flash-attention kernels take no 4D mask and a sliding window would be replaced by ours:
+    those models run the padded forward, with the same values."""
+    model = small_qwen2()
+    assert can_pack(model)
+    batch = collate(pairs(), 0)
+    args = (batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        padded = run_model(model, *args)
+        model.config.sliding_window = 4
+        assert not can_pack(model)
+        real = batch["attention_mask"].bool()
+        assert torch.equal(run_model(model, *args, batch["prompt_mask"])[real], padded[real])
+    model.config.sliding_window = None
+    model.config._attn_implementation = "flash_attention_2"
+    assert not can_pack(model)
 
 
 @pytest.mark.parametrize("structure", ["linear", "mlp"])

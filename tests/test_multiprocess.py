@@ -53,7 +53,11 @@ def test_two_processes_equal_one_and_resume(tiny_qwen2_dir, tmp_path):
                   "grad_norm", "examples_seen"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
     w1, w2 = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # Adam divides by sqrt(v): an element whose gradient is ~0 moves by up to lr (1e-3) per step on
+    # rounding alone, and one process packs 2 pairs per forward where two pack 1. Measured: one of
+    # 9.7M elements differs by 1.9e-5, all others by <= 7e-7; a real divergence moves them all by ~lr.
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+    assert sum(int(((w1[k] - w2[k]).abs() > 1e-6).sum()) for k in w1) <= 10
     # only the main process wrote: one complete copy of each checkpoint, no stray temporaries
     assert sorted(os.listdir(two / "checkpoints")) == ["step_2"]
 

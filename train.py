@@ -33,6 +33,8 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, summarize
@@ -58,6 +60,10 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_prompt_sharing", action="store_true",
                    help="run the padded (2B, T) batch as it is instead of each pair's prompt once for both responses "
                         "(same values; sharing needs an sdpa/eager model without sliding windows, others never share)")
+    p.add_argument("--fsdp", default="none", choices=["none", "full_shard", "shard_grad_op"],
+                   help="shard the policy across processes with PyTorch FSDP2 (launch >= 2 processes): full_shard "
+                        "shards parameters, gradients and optimizer state (like ZeRO-3); shard_grad_op keeps parameters "
+                        "gathered from forward to the end of backward (like ZeRO-2). BetaHead and reference stay whole")
     p.add_argument("--precompute_ref", action="store_true",
                    help="compute reference log-probs once (cached on disk, reused by later runs) and train without a reference model")
     p.add_argument("--ref_cache_dir", default=os.path.join("runs", "ref_cache"), help="where --precompute_ref keeps its caches")
@@ -157,6 +163,8 @@ def check_args(args, p) -> None:
                  "max_eval_examples"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} must be >= 0; got {getattr(args, flag)}")
+    if args.fsdp != "none" and args.lora_r:
+        p.error("--fsdp with --lora_r is not supported: LoRA's trained weights are small, use plain DDP (no --fsdp)")
     if (args.lora_r == 0) and args.merge_lora:
         p.error("--merge_lora needs --lora_r > 0")
     if args.lora_r < 0:
@@ -181,17 +189,21 @@ def check_args(args, p) -> None:
 # checkpoints
 
 
-def save_checkpoint(path: str, model: DynamicBetaDPOModel, optimizer, tokenizer, state: dict, args) -> None:
+def save_checkpoint(path: str, model: DynamicBetaDPOModel, optimizer_state: dict, tokenizer, state: dict, args,
+                    policy_state: dict | None = None) -> None:
     """Write a complete checkpoint at `path` atomically: everything goes to path.tmp, is fsynced,
-    and is renamed into place with a COMPLETED marker; an old `path` is replaced only then."""
+    and is renamed into place with a COMPLETED marker; an old `path` is replaced only then.
+    policy_state: the policy's gathered weights when they are sharded (--fsdp)."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.policy_model.save_pretrained(tmp, safe_serialization=True)
+        # a copy: save_pretrained drops entries from the dict it is given
+        model.policy_model.save_pretrained(tmp, safe_serialization=True,
+                                           state_dict=None if policy_state is None else dict(policy_state))
         tokenizer.save_pretrained(tmp)
         if model.beta_head is not None:
             model.beta_head.save_pretrained(tmp)
-        torch.save(dict(state, optimizer=optimizer.state_dict(), rng=dict(
+        torch.save(dict(state, optimizer=optimizer_state, rng=dict(
             python=random.getstate(), torch=torch.get_rng_state(),
             cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])),
             os.path.join(tmp, "trainer_state.pt"))
@@ -291,6 +303,61 @@ def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], args, 
         e["reference_chosen_logps"], e["reference_rejected_logps"] = c, r
 
 
+# -----------------------------------------------------------------------------
+# FSDP2 (--fsdp): the policy sharded across processes; BetaHead and reference stay whole
+
+
+def shard_policy(policy: nn.Module, reshard_after_forward: bool) -> None:
+    """fully_shard each transformer block (the model's _no_split_modules), then the policy itself
+    (embeddings, final norm, lm_head). In place: parameters become DTensor shards."""
+    from torch.distributed.fsdp import fully_shard
+    names = set(getattr(policy, "_no_split_modules", None) or [])
+    blocks = [m for m in policy.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise DataError(f"--fsdp: {type(policy).__name__} names no transformer block class (_no_split_modules); "
+                        "run without --fsdp")
+    for m in blocks:
+        fully_shard(m, reshard_after_forward=reshard_after_forward)
+    # the policy's own parameters stay gathered after its forward: token_logps applies lm_head after it
+    fully_shard(policy, reshard_after_forward=False)
+
+
+def full(t):
+    """A DTensor shard gathered into the whole tensor (a collective: every process calls it); other tensors as they are."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gathered_optimizer_state(optimizer) -> dict:
+    """optimizer.state_dict() with every sharded state tensor gathered (all processes call it), so
+    that a checkpoint holds whole tensors whatever the sharding."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: full(v).cpu() for k, v in s.items()} for i, s in sd["state"].items()}
+    return sd
+
+
+def shard_optimizer_state(sd: dict, optimizer) -> dict:
+    """The inverse: whole state tensors cut to the shards of this process's DTensor parameters."""
+    from torch.distributed.tensor import distribute_tensor
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, s in sd["state"].items():
+        p = params[i]
+        if isinstance(p, DTensor):
+            sd["state"][i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements) if v.dim() else v
+                              for k, v in s.items()}
+    return sd
+
+
+def clip_grad_norm_mixed_(params: list, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for sharded (DTensor) and whole gradients together, which
+    torch's own cannot mix. Returns the total norm before clipping (every process the same)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.stack([full(g.norm()).float() for g in grads]).norm()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.item())
+    return total
+
+
 def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -308,8 +375,11 @@ def main(argv=None):
     accelerator = make_accelerator(args.precision)  # gradient accumulation is done by hand, below
     main_process = accelerator.is_main_process
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise DataError(f"{accelerator.distributed_type.name} is not supported yet (the BetaHead calibration, the "
-                        "reference model and checkpointing assume whole replicas); use DDP: configs/ddp.yaml")
+        raise DataError(f"accelerate's {accelerator.distributed_type.name} is not supported: launch with "
+                        "configs/ddp.yaml (or torchrun) and shard with train.py's own --fsdp full_shard|shard_grad_op")
+    if args.fsdp != "none" and accelerator.num_processes < 2:
+        raise DataError("--fsdp shards across processes: launch 2 or more (torchrun --nproc_per_node N or "
+                        "accelerate launch --config_file configs/ddp.yaml), or drop --fsdp")
     log = accelerator.print
     run_dir = args.output_dir
 
@@ -381,6 +451,8 @@ def main(argv=None):
         for examples in (train_examples, eval_examples):
             add_reference_cache(model, examples, args, accelerator, tokenizer.pad_token_id)
         model.__dict__["reference_model"] = reference = None
+    if args.fsdp != "none":
+        shard_policy(policy, reshard_after_forward=args.fsdp == "full_shard")
     trainable = [p for p in policy.parameters() if p.requires_grad]
     log(f"policy {args.model_name_or_path}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, "
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained; reference: "
@@ -395,15 +467,17 @@ def main(argv=None):
         groups.append(dict(params=list(head.parameters()), lr=args.beta_head_lr, weight_decay=0.0))
     for g in groups:
         g["peak_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=True)
-
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if args.fsdp == "none":
+        optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=True)
+        model, optimizer = accelerator.prepare(model, optimizer)  # DDP when there are several processes
+    else:  # FSDP2 instead of DDP; the fused and foreach kernels cannot mix sharded and whole parameters
+        optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=False)
     raw_model = accelerator.unwrap_model(model)
 
     step, skipped_steps = 0, 0
     if resume:
         state = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
         for g, saved in zip(optimizer.param_groups, groups):  # this run's flags, not the saved ones
             g.update({k: saved[k] for k in ("peak_lr", "weight_decay")}, betas=(args.adam_beta1, args.adam_beta2),
                      eps=args.adam_eps)
@@ -474,12 +548,16 @@ def main(argv=None):
     def save(path: str):
         accelerator.wait_for_everyone()
         error = None
+        policy_state, optimizer_state = None, None  # with --fsdp every process gathers the shards, the main one writes
+        if args.fsdp != "none":
+            policy_state = {k: full(v).cpu() for k, v in raw_model.policy_model.state_dict().items()}
+            optimizer_state = gathered_optimizer_state(optimizer)
         if main_process:
             try:
-                save_checkpoint(path, raw_model, optimizer, tokenizer,
+                save_checkpoint(path, raw_model, optimizer_state or optimizer.state_dict(), tokenizer,
                                 dict(step=step, examples_seen=step * global_batch, skipped_steps=skipped_steps,
                                      num_processes=accelerator.num_processes,
-                                     beta_dpo=beta_dpo.state_dict() if beta_dpo else None), args)
+                                     beta_dpo=beta_dpo.state_dict() if beta_dpo else None), args, policy_state)
                 if args.save_total_limit and "checkpoints" in path:
                     for old in complete_checkpoints(run_dir)[:-args.save_total_limit]:
                         shutil.rmtree(old)
@@ -518,7 +596,14 @@ def main(argv=None):
             window.append(stats)
             tokens += int(batch["attention_mask"].sum())
 
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+        if args.fsdp == "none":
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+        else:  # FSDP averaged the policy's gradients; the whole BetaHead's are averaged here
+            for p in (head.parameters() if head is not None else []):
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+            grad_norm = clip_grad_norm_mixed_(trainable + list(head.parameters() if head else []),
+                                              args.max_grad_norm or math.inf)
         head_grads = None
         if head is not None:
             hp = raw_model.beta_head

@@ -130,6 +130,10 @@ CASES = [
     ("beta bounds that exclude beta", lambda c: flags_error(c.capsys, "--beta_mode", "learnable", "--beta_max", "0.05"),
      "need 0 <= --beta_min < --beta <= --beta_max"),
     ("unknown --beta_mode", lambda c: flags_error(c.capsys, "--beta_mode", "adaptive"), "invalid choice: 'adaptive'"),
+    ("--fsdp with LoRA", lambda c: flags_error(c.capsys, "--fsdp", "full_shard", "--lora_r", "8"),
+     "--fsdp with --lora_r is not supported"),
+    ("--fsdp in a single process", lambda c: raised(lambda: train.main(base_flags(c.model, c.tmp / "r5", "--fsdp", "full_shard")))
+     , "--fsdp shards across processes: launch 2 or more"),
     # --- runs and checkpoints ------------------------------------------------------------------
     ("output dir that holds another run", lambda c: raised(lambda: train.main(base_flags(c.model, c.fixed))),
      "already holds a run; pass --resume_from auto"),

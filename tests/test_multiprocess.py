@@ -70,6 +70,39 @@ def test_two_processes_equal_one_and_resume(tiny_qwen2_dir, tmp_path):
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("mode", ["full_shard", "shard_grad_op"])
+def test_fsdp_two_processes_equal_one_and_resume(tiny_qwen2_dir, tmp_path, mode):
+    """--fsdp: the policy sharded over 2 processes (FSDP2 on gloo) trains like 1 unsharded process
+    with the same global batch, writes whole-tensor checkpoints that plain runs and evaluate.py
+    load, and resumes bit-exactly."""
+    import evaluate
+    one, two, three = tmp_path / "one", tmp_path / "two", tmp_path / "three"
+    train.main(common(tiny_qwen2_dir, one, *ARGS, "--batch_size", "2"))
+    torchrun(common(tiny_qwen2_dir, two, *ARGS, "--batch_size", "1", "--fsdp", mode))
+    l1, l2 = train_lines(one), train_lines(two)
+    assert [m["step"] for m in l1] == [m["step"] for m in l2] == [1, 2, 3, 4]
+    for a, b in zip(l1, l2):
+        for k in ("loss", "rewards/margins", "logps/chosen", "beta/mean", "beta_head/w", "grad_norm", "examples_seen"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    w1, w2 = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
+    assert set(w1) == set(w2) and all(w1[k].shape == w2[k].shape for k in w1)  # whole tensors, not shards
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)  # tolerance: see the DDP test above
+    assert sum(int(((w1[k] - w2[k]).abs() > 1e-6).sum()) for k in w1) <= 10
+    h1, h2 = (load_file(str(r / "final" / "beta_head.safetensors")) for r in (one, two))
+    assert all(torch.allclose(h1[k], h2[k], atol=1e-6) for k in h1)
+    assert sorted(os.listdir(two / "checkpoints")) == ["step_2"]
+
+    os.makedirs(three / "checkpoints")
+    shutil.copytree(two / "checkpoints" / "step_2", three / "checkpoints" / "step_2")
+    torchrun(common(tiny_qwen2_dir, three, *ARGS, "--batch_size", "1", "--fsdp", mode, "--resume_from", "auto"))
+    w3 = load_file(str(three / "final" / "model.safetensors"))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    metrics = evaluate.main(["--ckpt", str(two / "final"), "--batch_size", "4"])  # a plain, unsharded load
+    assert metrics["pairs"] == 8
+
+
 needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 

@@ -10,6 +10,7 @@ One GPU, the target model on HH-RLHF:
     python train.py --beta_mode learnable --dataset Anthropic/hh-rlhf --dataset_data_dir harmless-base
 Several GPUs (DDP; the global batch is batch_size x processes x gradient_accumulation_steps):
     accelerate launch --multi_gpu --num_processes 8 train.py --beta_mode learnable ...
+    ... train.py --fsdp full_shard ...   # the same, the policy sharded with FSDP2 instead of replicated
 Resume the newest complete checkpoint of a run:
     python train.py <same flags> --resume_from auto
 

@@ -116,6 +116,7 @@ def test_kill_9_at_random_moments_then_resume_exactly(tiny_qwen2_dir, tmp_path):
         proc.wait(timeout=300)
         if (out / "final" / "COMPLETED").exists():
             break
+    print(f"KILLS {kills} kill -9 at random moments, {attempt + 1} launches")  # for the record (pytest -s)
     assert kills >= 3, "the test did not kill often enough to mean anything"
     assert (out / "final" / "COMPLETED").exists()
     for name in ("model.safetensors", "beta_head.safetensors"):

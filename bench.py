@@ -221,7 +221,8 @@ def worker(args) -> dict:
             for b in batches:
                 b["reference_logps"] = (seed_reference_logps(reference, b) if kind == "seed" else
                                         model.reference_logps(b["input_ids"], b["attention_mask"], b["loss_mask"],
-                                                            b["prompt_mask"]))
+                                                            model.pair_layout(b["input_ids"], b["attention_mask"],
+                                                                              b["prompt_mask"])))
             model.__dict__["reference_model"] = reference = None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)  # as train.py

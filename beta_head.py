@@ -304,18 +304,25 @@ class DynamicBetaDPOModel(nn.Module):
 
     # --- training / evaluation -----------------------------------------------------------------
 
+    def pair_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    prompt_mask: torch.Tensor) -> dict | None:
+        """pack_pairs' layout of a pair batch (2B, T) when prompts are shared: share_prompt is on
+        and the policy (so its reference, the same architecture) takes the custom mask; else None."""
+        if self.share_prompt and can_pack(self.policy_model):
+            return pack_pairs(input_ids, attention_mask, prompt_mask)
+        return None
+
     @torch.no_grad()
     def reference_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        loss_mask: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        loss_mask: torch.Tensor, pack: dict | None = None) -> torch.Tensor:
         """Sequence log-probs (N,) of the response tokens under the reference. With no reference
         model and a LoRA (peft) policy, the reference is the policy with its adapters disabled.
-        With prompt_mask (and share_prompt) the rows are pairs and each prompt runs once."""
-        prompt_mask = prompt_mask if self.share_prompt else None
+        pack: the batch's pair_layout, when it has one."""
         if self.reference_model is not None:
-            return sequence_logps(self.reference_model, input_ids, attention_mask, loss_mask, prompt_mask)
+            return sequence_logps(self.reference_model, input_ids, attention_mask, loss_mask, pack)
         if hasattr(self.policy_model, "disable_adapter"):
             with self.policy_model.disable_adapter():
-                return sequence_logps(self.policy_model, input_ids, attention_mask, loss_mask, prompt_mask)
+                return sequence_logps(self.policy_model, input_ids, attention_mask, loss_mask, pack)
         raise ValueError("no reference: pass reference_model, a LoRA policy, or reference_logps")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
@@ -328,7 +335,8 @@ class DynamicBetaDPOModel(nn.Module):
         Returns (loss, stats) where stats holds detached (B,) tensors for summarize().
         """
         B = input_ids.shape[0] // 2
-        hidden = run_model(self.policy_model, input_ids, attention_mask, prompt_mask if self.share_prompt else None)
+        pack = self.pair_layout(input_ids, attention_mask, prompt_mask)  # one layout for policy and reference
+        hidden = run_model(self.policy_model, input_ids, attention_mask, pack)
         response = loss_mask[:, 1:].bool()
         prompt = (prompt_mask[:, 1:] * prompt_mask[:, :-1]).bool()
         prompt[B:] = False  # the rejected half's prompt repeats the chosen half's
@@ -340,7 +348,7 @@ class DynamicBetaDPOModel(nn.Module):
         beta, raw_beta = self.beta_from(ppl, h)
 
         if reference_logps is None:
-            reference_logps = self.reference_logps(input_ids, attention_mask, loss_mask, prompt_mask)
+            reference_logps = self.reference_logps(input_ids, attention_mask, loss_mask, pack)
         weights = None
         if self.beta_dpo is not None:  # batch-level beta from the reward margins at beta0
             logratios = seq_logps.detach() - reference_logps
@@ -367,34 +375,31 @@ class DynamicBetaDPOModel(nn.Module):
 
 
 def run_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+              pack: dict | None = None) -> torch.Tensor:
     """One forward of a Hugging Face causal LM -> final hidden states (N, T, H), without logits.
 
     logits_to_keep=[] skips the lm_head (token_logps applies it in chunks to the positions it
     needs); the last entry of hidden_states is the final norm's output, i.e. lm_head's input.
     Position ids are derived from the mask, so left- and right-padded rows give the same values.
 
-    With prompt_mask, rows [:N/2] and [N/2:] are pairs sharing a prompt, and for models that take
-    a custom 4D mask (can_pack; others ignore prompt_mask) the forward runs on the packed layout
-    of pack_pairs: each prompt once, almost no padding. The hidden states come back in the padded
-    (N, T) layout, the rejected rows' prompt positions holding the shared prompt's, so callers see
-    no difference but the cost.
+    With pack (pack_pairs' layout of this batch, rows [:N/2] and [N/2:] pairs sharing a prompt)
+    the forward runs on the packed rows: each prompt once, almost no padding. The hidden states
+    come back in the padded (N, T) layout, the rejected rows' prompt positions holding the shared
+    prompt's, so callers see no difference but the cost.
     """
-    if prompt_mask is not None and can_pack(model):
-        pack = pack_pairs(input_ids, attention_mask, prompt_mask)
-        mask = pack["attention_mask"]
+    if pack is None:
+        ids, mask = input_ids, attention_mask
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    else:
+        ids, mask, position_ids = pack["input_ids"], pack["attention_mask"], pack["position_ids"]
         if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-        out = model(input_ids=pack["input_ids"], attention_mask=mask, position_ids=pack["position_ids"],
-                    output_hidden_states=True, use_cache=False,
-                    logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
-        hidden = out.hidden_states[-1]
-        return hidden.flatten(0, 1)[pack["unpack"]].view(*input_ids.shape, hidden.shape[-1])
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                output_hidden_states=True, use_cache=False, logits_to_keep=no_logits)
-    return out.hidden_states[-1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True,
+                use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
+    hidden = out.hidden_states[-1]
+    if pack is None:
+        return hidden
+    return hidden.flatten(0, 1)[pack["unpack"]].view(*input_ids.shape, hidden.shape[-1])
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -431,7 +436,7 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mas
         p, pr = pm[i].nonzero().squeeze(1), pm[B + i].nonzero().squeeze(1)
         if not torch.equal(ids[i, p], ids[B + i, pr]):
             raise ValueError(f"pair {i}: the chosen and rejected rows have different prompts; "
-                             "run_model(prompt_mask=...) needs the pair layout of data.collate")
+                             "pack_pairs needs the pair layout of data.collate")
         c, r = (am[i] & ~pm[i]).nonzero().squeeze(1), (am[B + i] & ~pm[B + i]).nonzero().squeeze(1)
         n_p = len(p)
         units.append(dict(src=torch.cat([i * T + p, i * T + c, (B + i) * T + r]),
@@ -471,10 +476,10 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mas
 
 
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   loss_mask: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   loss_mask: torch.Tensor, pack: dict | None = None) -> torch.Tensor:
     """Summed log-probs (N,) of the tokens marked by loss_mask (N, T) under a causal LM
-    (with prompt_mask: rows [:N/2], [N/2:] are pairs, see run_model)."""
-    hidden = run_model(model, input_ids, attention_mask, prompt_mask)
+    (with pack: the pairs' packed layout, see run_model)."""
+    hidden = run_model(model, input_ids, attention_mask, pack)
     response = loss_mask[:, 1:].bool()
     return (token_logps(hidden, model.get_output_embeddings(), input_ids, response) * response).sum(-1)
 

@@ -291,8 +291,9 @@ def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], args, 
         for idx in tqdm(batches, desc="reference log-probs", disable=not accelerator.is_main_process):
             b = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_token_id).items()}
             with accelerator.autocast():
-                parts.append(accelerator.gather(model.reference_logps(b["input_ids"], b["attention_mask"], b["loss_mask"],
-                                                                   b["prompt_mask"]).view(2, -1).T.contiguous()))
+                parts.append(accelerator.gather(model.reference_logps(
+                    b["input_ids"], b["attention_mask"], b["loss_mask"],
+                    model.pair_layout(b["input_ids"], b["attention_mask"], b["prompt_mask"])).view(2, -1).T.contiguous()))
         logps = torch.cat(parts)[:len(examples)].cpu()
         cached = dict(key=key, chosen=logps[:, 0].contiguous(), rejected=logps[:, 1].contiguous())
         if accelerator.is_main_process:
@@ -348,9 +349,10 @@ def shard_optimizer_state(sd: dict, optimizer) -> dict:
     return sd
 
 
-def clip_grad_norm_mixed_(params: list, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ for sharded (DTensor) and whole gradients together, which
-    torch's own cannot mix. Returns the total norm before clipping (every process the same)."""
+def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_, also for sharded (DTensor, --fsdp) and whole gradients
+    together, which torch's own cannot mix. Returns the total norm before clipping (every process
+    the same)."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.stack([full(g.norm()).float() for g in grads]).norm()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -468,6 +470,7 @@ def main(argv=None):
         groups.append(dict(params=list(head.parameters()), lr=args.beta_head_lr, weight_decay=0.0))
     for g in groups:
         g["peak_lr"] = g["lr"]
+    params = [p for g in groups for p in g["params"]]  # everything trained: clipped together
     if args.fsdp == "none":
         optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=True)
         model, optimizer = accelerator.prepare(model, optimizer)  # DDP when there are several processes
@@ -597,14 +600,11 @@ def main(argv=None):
             window.append(stats)
             tokens += int(batch["attention_mask"].sum())
 
-        if args.fsdp == "none":
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-        else:  # FSDP averaged the policy's gradients; the whole BetaHead's are averaged here
-            for p in (head.parameters() if head is not None else []):
+        if args.fsdp != "none" and head is not None:  # FSDP averaged the policy's gradients, not the whole BetaHead's
+            for p in head.parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-            grad_norm = clip_grad_norm_mixed_(trainable + list(head.parameters() if head else []),
-                                              args.max_grad_norm or math.inf)
+        grad_norm = clip_grad_norm_(params, args.max_grad_norm or math.inf)
         head_grads = None
         if head is not None:
             hp = raw_model.beta_head

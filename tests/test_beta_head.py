@@ -252,19 +252,23 @@ def test_pack_pairs_refuses_pairs_with_different_prompts():
 def test_no_packing_where_a_custom_mask_would_be_wrong():
     """Flash-attention kernels take no 4D mask and a sliding window would be replaced by ours:
     those models run the padded forward, with the same values."""
-    model = small_qwen2()
-    assert can_pack(model)
+    model = DynamicBetaDPOModel(small_qwen2(), beta=0.1)
+    policy = model.policy_model
+    assert can_pack(policy)
     batch = collate(pairs(), 0)
     args = (batch["input_ids"], batch["attention_mask"])
+    assert model.pair_layout(*args, batch["prompt_mask"]) is not None
     with torch.no_grad():
-        padded = run_model(model, *args)
-        model.config.sliding_window = 4
-        assert not can_pack(model)
+        padded = run_model(policy, *args)
+        policy.config.sliding_window = 4
+        assert not can_pack(policy)
+        layout = model.pair_layout(*args, batch["prompt_mask"])
+        assert layout is None
         real = batch["attention_mask"].bool()
-        assert torch.equal(run_model(model, *args, batch["prompt_mask"])[real], padded[real])
-    model.config.sliding_window = None
-    model.config._attn_implementation = "flash_attention_2"
-    assert not can_pack(model)
+        assert torch.equal(run_model(policy, *args, layout)[real], padded[real])
+    policy.config.sliding_window = None
+    policy.config._attn_implementation = "flash_attention_2"
+    assert not can_pack(policy) and model.pair_layout(*args, batch["prompt_mask"]) is None
 
 
 @pytest.mark.parametrize("structure", ["linear", "mlp"])

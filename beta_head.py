@@ -162,9 +162,23 @@ class BetaHead(nn.Module):
             return self.w * scale * f
 
     @torch.no_grad()
-    def rescale_(self, context_embedding: torch.Tensor, ppl: torch.Tensor, target_mean: float) -> None:
-        """Set w so that the mean beta over these inputs equals target_mean (beta is linear in w)."""
+    def rescale_(self, context_embedding: torch.Tensor, ppl: torch.Tensor, target_mean: float,
+                 beta_min: float = 0.0, beta_max: float = math.inf) -> None:
+        """Set w so that the mean of the beta that training uses, clamp(beta, beta_min, beta_max),
+        over these inputs equals target_mean. Unclamped, beta is linear in w: one step. With bounds
+        the clamped mean still rises monotonically with w: bisection on log w."""
         self.log_w += math.log(target_mean) - self(context_embedding, ppl).mean().log()
+        per_w = self(context_embedding, ppl) / self.w
+        if per_w.min() * self.w >= beta_min and per_w.max() * self.w <= beta_max:
+            return
+        lo, hi = self.log_w.item() - 30, self.log_w.item() + 30
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if (per_w * math.exp(mid)).clamp(beta_min, beta_max).mean() < target_mean:
+                lo = mid
+            else:
+                hi = mid
+        self.log_w.fill_((lo + hi) / 2)
 
     def config(self) -> dict:
         return dict(hidden_size=self.hidden_size, nn_structure=self.nn_structure,
@@ -190,44 +204,81 @@ class BetaHead(nn.Module):
 
 class BetaDPO:
     """Batch-level dynamic beta with data filtering: beta-DPO (Wu et al. 2024, arXiv 2407.08639),
-    written from the paper's description.
+    following the authors' code (junkangwu/beta-DPO, trainers.py: preference_loss and
+    update_and_sync_tensor_mean). Per micro-batch, over the pairs of ALL processes (gathered):
 
-    For a batch with reward margins M_i = beta0 * [(log pi - log ref)(y_w) - (log pi - log ref)(y_l)]:
-        beta = beta0 * (1 + alpha * (mean(M) - M0))          (one beta for the whole batch)
-        M0 <- m * M0 + (1 - m) * mean(M),  sigma <- m * sigma + (1 - m) * std(M)     (training only)
-    and in training a fraction rho of the pairs is kept, drawn without replacement with
-    probability proportional to exp(-(M_i - M0)^2 / (2 sigma^2)) (pairs near the running margin
-    are informative; outliers are likely noise). beta carries no gradient.
-    The statistics are per process (each DDP rank filters its own slice).
+        A_i   = (log pi - log ref)(y_w) - (log pi - log ref)(y_l)     raw reward gap, no beta
+        M0    <- m * M0 + (1 - m) * mean(A),  sigma <- m * sigma + (1 - m) * std(A)
+                 (from M0 = sigma = 0, updated BEFORE use; std unbiased; m = 0.9)
+        keep  int(N * rho) pairs, drawn without replacement with probability proportional to
+              exp(-((A_i - M0) / sigma)^2 / 2)                 (rho = 1 - the authors' mode_weight)
+        beta  = beta0 * (1 + alpha * (mean of the KEPT A_i - M0)), no gradient
+
+    and the loss is the mean over the kept pairs (of this process's slice). Departures, each a
+    guard the authors' code lacks: at least one pair is kept; sigma = 0 (e.g. step 0, when the
+    policy is still the reference and every A_i is 0) draws uniformly instead of dividing by 0;
+    the draw uses its own generator seeded by (seed, number of calls), so every process draws the
+    same pairs and a resumed run the same as an uninterrupted one. Evaluation neither filters nor
+    updates M0 and sigma (the authors' loop updates them on eval batches too): beta there is
+    beta0 * (1 + alpha * (mean(A) - M0)). The floor of beta (the authors' 1e-3) is the model's
+    beta_min.
     """
 
-    def __init__(self, alpha: float = 0.6, rho: float = 0.8, momentum: float = 0.9):
-        self.alpha, self.rho, self.momentum = alpha, rho, momentum
-        self.m0: float | None = None
-        self.sigma: float | None = None
+    def __init__(self, alpha: float = 0.6, rho: float = 0.8, momentum: float = 0.9, seed: int = 0):
+        self.alpha, self.rho, self.momentum, self.seed = alpha, rho, momentum, seed
+        self.m0, self.sigma, self.calls = 0.0, 0.0, 0
 
-    def __call__(self, margins: torch.Tensor, beta0: float, training: bool):
-        """margins (B,) detached -> (beta () tensor, weights (B,) in {0, 1} or None)."""
-        mean, std = margins.mean().item(), margins.std(unbiased=False).item()
-        m0 = mean if self.m0 is None else self.m0
-        beta = torch.tensor(beta0 * (1 + self.alpha * (mean - m0)), device=margins.device)
+    def __call__(self, gaps: torch.Tensor, beta0: float, training: bool):
+        """gaps (B,) this process's detached A_i -> (beta, a () tensor before any clamp; weights (B,) in
+        {0, 1} marking the kept pairs of this slice, or None in evaluation)."""
+        A, offset = _gather(gaps.float())
         if not training:
-            return beta, None
-        sigma = max(std if self.sigma is None else self.sigma, 1e-6)
-        p = torch.exp(-(margins - m0) ** 2 / (2 * sigma ** 2)).clamp(min=1e-12)
-        keep = torch.multinomial(p, max(1, math.ceil(self.rho * len(margins))), replacement=False)
-        weights = torch.zeros_like(margins).index_fill_(0, keep, 1.0)
+            return beta0 * (1 + self.alpha * (A.mean() - self.m0)), None
         m = self.momentum
-        self.m0 = mean if self.m0 is None else m * self.m0 + (1 - m) * mean
-        self.sigma = std if self.sigma is None else m * self.sigma + (1 - m) * std
-        return beta, weights
+        self.m0 = m * self.m0 + (1 - m) * A.mean().item()
+        self.sigma = m * self.sigma + (1 - m) * (A.std().item() if len(A) > 1 else 0.0)
+        z = (A - self.m0) / self.sigma if self.sigma > 0 else torch.zeros_like(A)
+        p = (-0.5 * z.pow(2)).exp().clamp(min=1e-30).cpu()  # the floor keeps far outliers drawable
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+        self.calls += 1
+        keep = torch.multinomial(p, max(1, int(len(A) * self.rho)), replacement=False, generator=g).to(A.device)
+        beta = beta0 * (1 + self.alpha * (A[keep].mean() - self.m0))
+        mask = torch.zeros_like(A).index_fill_(0, keep, 1.0)
+        return beta, mask[offset:offset + len(gaps)]
 
     def state_dict(self) -> dict:
-        return dict(m0=self.m0, sigma=self.sigma)
+        return dict(alpha=self.alpha, rho=self.rho, momentum=self.momentum, seed=self.seed,
+                    m0=self.m0, sigma=self.sigma, calls=self.calls)
 
     def load_state_dict(self, state: dict) -> None:
-        self.m0, self.sigma = state["m0"], state["sigma"]
+        for k, v in state.items():
+            setattr(self, k, v)
 
+    def save_pretrained(self, directory: str) -> None:
+        """beta_dpo.json beside the weights: evaluation needs M0, resume all of it."""
+        with open(os.path.join(directory, "beta_dpo.json"), "w") as f:
+            json.dump(self.state_dict(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "BetaDPO":
+        path = os.path.join(directory, "beta_dpo.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{directory} has no beta_dpo.json (M0 and sigma of a beta_dpo run): it was "
+                                    "written before beta_dpo.json existed, or the file was lost; retrain")
+        bd = cls()
+        with open(path) as f:
+            bd.load_state_dict(json.load(f))
+        return bd
+
+
+def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(x of every process concatenated in rank order, this process's offset in it). Equal sizes."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts), dist.get_rank() * len(x)
 
 
 # -----------------------------------------------------------------------------
@@ -243,8 +294,10 @@ class DynamicBetaDPOModel(nn.Module):
     or a DDP wrapper); the caller places it on the device.
 
     Learnable-beta controls:
-      beta_min, beta_max   beta is clamped to this range (the clamped fraction is reported);
-      beta_reg             adds beta_reg * mean((log beta_raw - log beta)^2) to the loss, a pull
+      beta_min, beta_max   beta is clamped to this range (the clamped fraction is reported); where
+                           the clamp binds, mean((log beta_raw - log beta_clamped)^2) is added to the
+                           loss, so a head pushed out of bounds still gets a gradient back in;
+      beta_reg             adds beta_reg * mean((log beta_raw - log beta0)^2) to the loss, a pull
                            back to the fixed beta that also acts on clamped values;
       beta_grad_to_policy  False (default): PPL and h are detached, so the policy cannot lower
                            the loss by changing its own prompt perplexity to move beta.
@@ -350,18 +403,23 @@ class DynamicBetaDPOModel(nn.Module):
         if reference_logps is None:
             reference_logps = self.reference_logps(input_ids, attention_mask, loss_mask, pack)
         weights = None
-        if self.beta_dpo is not None:  # batch-level beta from the reward margins at beta0
+        if self.beta_dpo is not None:  # batch-level beta from the raw reward gaps
             logratios = seq_logps.detach() - reference_logps
-            margins0 = self.beta * (logratios[:B] - logratios[B:])
-            beta, weights = self.beta_dpo(margins0, self.beta, self.training)
-            beta = raw_beta = beta.clamp(self.beta_min, self.beta_max).expand(B)
+            raw_beta, weights = self.beta_dpo(logratios[:B] - logratios[B:], self.beta, self.training)
+            raw_beta = raw_beta.expand(B)
+            beta = raw_beta.clamp(self.beta_min, self.beta_max)
 
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             seq_logps[:B], seq_logps[B:], reference_logps[:B], reference_logps[B:], beta)
-        loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum()
-        if self.beta_head is not None and self.beta_reg > 0:
-            # Learnable-beta departure: a pull of log beta towards log beta_0 against the runaway
-            loss = loss + self.beta_reg * (raw_beta.log() - math.log(self.beta)).pow(2).mean()
+        # beta-DPO: the mean over the kept pairs of this slice (none kept: 0, as in the authors' code)
+        loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum().clamp(min=1)
+        if self.beta_head is not None:
+            # Learnable-beta departures. The clamp passes no gradient where it binds: once every raw
+            # beta is out of bounds, w and the NN would never move again. This pull, zero inside the
+            # bounds, brings a clamped beta back towards its bound and so keeps the head alive.
+            loss = loss + (raw_beta.log() - beta.log()).pow(2).mean()
+            if self.beta_reg > 0:  # a pull of log beta towards log beta_0 against the runaway
+                loss = loss + self.beta_reg * (raw_beta.log() - math.log(self.beta)).pow(2).mean()
 
         stats = dict(
             losses=losses.detach(),

@@ -10,10 +10,14 @@ Sources: a .json/.jsonl/.csv/.parquet file (optionally .gz), a directory written
 datasets.save_to_disk, a hub dataset name, or "demo" (a generated toy set, see make_demo_pairs).
 
 Tokenisation. With a chat template (the default when the tokenizer has one) the prompt is
-rendered with add_generation_prompt=True and the response is what the template adds for one
-assistant turn (it ends with EOS; EOS is appended when the template adds none). Without one the
-prompt is raw text and the response is `text + EOS`. A templated text already holds its BOS, so
-it is tokenised without special tokens (no double BOS).
+rendered with add_generation_prompt=True, exactly as at inference, and the response follows it
+verbatim, then the template's end of turn (up to EOS; EOS is appended when the template adds
+none). The response never goes through the template, which may rewrite it (see render_prompt).
+A generation prompt that pre-fills an open reasoning block (DeepSeek-R1-Distill since
+2025-02-09: `<think>\n`) is handled by --think_prefill (see response_text). Every prompt
+message must survive rendering, else the row is skipped. Without a template the prompt is raw
+text and the response is `text + EOS`. A templated text already holds its BOS, so it is
+tokenised without special tokens (no double BOS).
 
 Truncation rule: a prompt longer than max_prompt_length keeps its LAST max_prompt_length
 tokens (the turn being answered), whatever the response length; then responses are cut so that
@@ -130,6 +134,7 @@ def load_rows(source: str, split: str = "train", config: str | None = None,
 # -----------------------------------------------------------------------------
 # normalising rows to (prompt, chosen, rejected)
 
+ROLES = ("system", "user", "assistant", "tool")  # a template that drops one is caught in render_prompt
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
@@ -198,6 +203,12 @@ def normalize_row(row) -> tuple[str | list[dict], str, str]:
             prompt = prompt.rstrip()
             prompt = _hh_to_messages(prompt[:-len("Assistant:")] if prompt.endswith("Assistant:") else prompt)
 
+    if isinstance(prompt, list):
+        for k, m in enumerate(prompt):
+            if m["role"] not in ROLES:
+                raise BadRow("unknown_role", f"prompt message {k} has role {m['role']!r}; use one of {ROLES}")
+            if not isinstance(m["content"], str):
+                raise BadRow("not_text", f"prompt message {k}'s content is {type(m['content']).__name__}, not a string")
     for name, text in (("chosen", c), ("rejected", r)):
         if not isinstance(text, str) or not text.strip():
             raise BadRow("empty_text", f"{name} response is empty")
@@ -219,29 +230,83 @@ def _as_messages(prompt: str | list[dict]) -> list[dict]:
 def _as_text(prompt: str | list[dict]) -> str:
     if isinstance(prompt, str):
         return prompt
-    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    return "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt) + "\n\nAssistant:"
+    names = {"user": "Human", "assistant": "Assistant", "system": "System", "tool": "Tool"}
+    return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in prompt) + "\n\nAssistant:"
 
 
-def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, max_length: int,
-                  max_prompt_length: int, use_chat_template: bool = True) -> tuple[dict, list[str]]:
+_SENTINEL = "\u2063RESPONSE\u2063"  # stands in for a response when the template shows us its frame
+THINK_PREFILL_CHOICES = ("close", "open", "drop")
+_THINK_OPEN, _THINK_CLOSE, _EMPTY_THINK = "<think>", "</think>", "<think>\n\n</think>\n\n"
+
+
+def render_prompt(tokenizer, messages: list[dict], think_prefill: str = "close") -> tuple[str, str, str]:
+    """(prompt, prefill, end) of a templated pair: the prompt text exactly as the model sees it at
+    inference (rendered with the generation prompt), the part of the generation prompt that
+    pre-fills the answer (DeepSeek-R1's `<think>\\n` since 2025-02-09; '' for most templates), and
+    the text the template writes after an assistant message (its end-of-turn, e.g. EOS).
+
+    The response itself is never rendered through the template: templates may rewrite it (the
+    DeepSeek-R1 template drops everything up to `</think>` from assistant turns). A sentinel
+    message shows where the template puts an assistant turn, and the response text goes there
+    verbatim. think_prefill="drop" ends the prompt before the pre-fill (what TRL 1.16 does).
+    """
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    framed = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _SENTINEL}], tokenize=False)
+    at = framed.find(_SENTINEL)
+    if at < 0 or framed.count(_SENTINEL) != 1 or not prompt.startswith(framed[:at]):
+        raise BadRow("template_mismatch", "the chat template does not put an assistant message right after the "
+                     "generation prompt (e.g. it stamps the date); try --no_chat_template")
+    cursor = 0  # every prompt message must survive rendering, in order (templates drop unknown roles)
+    for k, m in enumerate(messages):
+        text = m["content"].split(_THINK_CLOSE)[-1] if m["role"] == "assistant" else m["content"]
+        found = prompt.find(text, cursor)  # (earlier assistant turns lose their reasoning, as at inference)
+        if found < 0:
+            raise BadRow("message_dropped", f"the chat template drops message {k} (role {m['role']!r}); "
+                         "use system/user/assistant roles, or --no_chat_template")
+        cursor = found + len(text)
+    prefill = prompt[at:]
+    if think_prefill == "drop" and prefill:
+        prompt, prefill = prompt[:at], ""
+    return prompt, prefill, framed[at + len(_SENTINEL):]
+
+
+def response_text(response: str, prefill: str, think_prefill: str = "close") -> str:
+    """The text that follows the rendered prompt for one response.
+
+    A response that repeats the pre-fill (e.g. starts with `<think>\\n`) continues the prompt's
+    copy of it. After a pre-fill that opens a reasoning block, a response with no `</think>` gets
+    an empty reasoning block closed before it (think_prefill="close", the default: what the
+    model itself writes when it skips reasoning, `<think>\\n\\n</think>\\n\\n`), or is trained
+    right after the open block ("open"). A response with a reasoning block keeps all of it.
+    """
+    if not prefill:
+        return response
+    if response.startswith(prefill):
+        return response[len(prefill):]
+    tag = prefill.strip()
+    if tag and response.lstrip().startswith(tag):
+        return response.lstrip()[len(tag):].lstrip("\n")
+    opens_reasoning = _THINK_OPEN in prefill and _THINK_CLOSE not in prefill
+    if opens_reasoning and _THINK_CLOSE not in response and think_prefill == "close":
+        closing = _EMPTY_THINK[len(prefill):] if _EMPTY_THINK.startswith(prefill) else _THINK_CLOSE + "\n\n"
+        return closing + response
+    return response
+
+
+def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, max_length: int, max_prompt_length: int,
+                  use_chat_template: bool = True, think_prefill: str = "close") -> tuple[dict, list[str]]:
     """Token ids of one pair -> ({prompt_ids, chosen_ids, rejected_ids}, [events]).
 
-    chosen_ids / rejected_ids are the response tokens only. events lists what truncation did.
+    prompt_ids + chosen_ids is what the model sees at inference: the prompt rendered with the
+    generation prompt, then the response's own tokens (see response_text), then the template's
+    end of turn up to EOS (EOS is appended when it has none). chosen_ids / rejected_ids are the
+    response tokens only. events lists what truncation did.
     """
     eos = tokenizer.eos_token_id
-    templated = use_chat_template and tokenizer.chat_template is not None
-    if templated:
-        msgs = _as_messages(prompt)
-        prompt_text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        responses = []
-        for text in (chosen, rejected):
-            full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": text}], tokenize=False)
-            if not full.startswith(prompt_text):  # e.g. a template that stamps the date
-                raise BadRow("template_mismatch", "the chat template renders prompt + response so that it "
-                             "does not start with the rendered prompt; try --no_chat_template")
-            responses.append(full[len(prompt_text):])
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if use_chat_template and tokenizer.chat_template is not None:
+        prompt_text, prefill, end = render_prompt(tokenizer, _as_messages(prompt), think_prefill)
+        responses = [response_text(t, prefill, think_prefill) + end for t in (chosen, rejected)]
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # the text holds its BOS
     else:
         prompt_text = _as_text(prompt)
         prompt_ids = tokenizer(prompt_text)["input_ids"]
@@ -272,7 +337,8 @@ def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, max_length: int
 
 
 def build_examples(rows: list, tokenizer, max_length: int, max_prompt_length: int,
-                   use_chat_template: bool = True, strict: bool = False, name: str = "data"):
+                   use_chat_template: bool = True, strict: bool = False, name: str = "data",
+                   think_prefill: str = "close"):
     """Tokenised examples and a report {rows, kept, skipped: {reason: n}, truncated: {...}, ...}."""
     if max_prompt_length >= max_length:
         raise DataError(f"--max_prompt_length ({max_prompt_length}) must be < --max_length ({max_length}) "
@@ -283,7 +349,8 @@ def build_examples(rows: list, tokenizer, max_length: int, max_prompt_length: in
     for i, row in enumerate(rows):
         try:
             prompt, c, r = normalize_row(row)
-            ex, ev = tokenize_pair(tokenizer, prompt, c, r, max_length, max_prompt_length, use_chat_template)
+            ex, ev = tokenize_pair(tokenizer, prompt, c, r, max_length, max_prompt_length, use_chat_template,
+                                   think_prefill)
         except BadRow as e:
             if strict:
                 raise DataError(f"{name} row {i}: {e} (drop --strict_data to skip such rows)") from None

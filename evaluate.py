@@ -78,6 +78,30 @@ def markdown_table(metrics: dict[str, float]) -> str:
     return "\n".join(rows) + "\n"
 
 
+# what evaluate.py reads from a checkpoint's run_config.json
+RUN_CONFIG_KEYS = ("model_name_or_path", "gguf_file", "trust_remote_code", "dataset", "split", "eval_split",
+                   "eval_fraction", "split_seed", "dataset_config", "dataset_data_dir", "max_eval_examples",
+                   "max_length", "max_prompt_length", "no_chat_template", "beta_mode", "beta", "beta_min", "beta_max")
+
+
+def read_run_config(ckpt: str) -> dict:
+    """The flags of the run that wrote checkpoint `ckpt`; DataError when they are missing or damaged."""
+    path = os.path.join(ckpt, "run_config.json")
+    if not os.path.exists(path):
+        raise DataError(f"{ckpt} has no run_config.json; pass a checkpoint directory written by train.py "
+                        "(runs/NAME/final or runs/NAME/checkpoints/step_N)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+    missing = [k for k in RUN_CONFIG_KEYS if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise DataError(f"{path} lacks {missing}: not written by train.py, or damaged; restore it from the "
+                        "run's config.json")
+    return cfg
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory written by train.py (e.g. runs/NAME/final)")
@@ -92,12 +116,9 @@ def main(argv=None):
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
 
-    cfg_path = os.path.join(args.ckpt, "run_config.json")
-    if not os.path.exists(cfg_path):
-        sys.exit(f"error: {args.ckpt} has no run_config.json; pass a checkpoint directory written by "
-                 "train.py (runs/NAME/final or runs/NAME/checkpoints/step_N)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    if args.batch_size < 1 or args.max_examples < 0:
+        p.error("--batch_size must be >= 1 and --max_examples >= 0")
+    cfg = read_run_config(args.ckpt)
 
     accelerator = make_accelerator(args.precision)
     tokenizer = load_tokenizer(args.ckpt)
@@ -110,7 +131,8 @@ def main(argv=None):
     if args.max_examples:
         rows = rows[:args.max_examples]
     examples, report = build_examples(rows, tokenizer, cfg["max_length"], cfg["max_prompt_length"],
-                                      not cfg["no_chat_template"], name="eval data")
+                                      not cfg["no_chat_template"], name="eval data",
+                                      think_prefill=cfg.get("think_prefill", "close"))
 
     base = load_policy(cfg["model_name_or_path"], cfg["gguf_file"], cfg["trust_remote_code"])
     if is_lora_checkpoint(args.ckpt):  # reference = the same model with its adapters disabled
@@ -119,10 +141,7 @@ def main(argv=None):
     else:
         policy, reference = load_policy(args.ckpt), frozen_copy(base).to(accelerator.device)
     head = BetaHead.from_pretrained(args.ckpt) if cfg["beta_mode"] == "learnable" else None
-    beta_dpo = None
-    if cfg["beta_mode"] == "beta_dpo":  # beta from the running margin M0 of training
-        beta_dpo = BetaDPO(cfg["beta_dpo_alpha"], cfg["beta_dpo_rho"])
-        beta_dpo.load_state_dict(torch.load(os.path.join(args.ckpt, "trainer_state.pt"), weights_only=True)["beta_dpo"])
+    beta_dpo = BetaDPO.from_pretrained(args.ckpt) if cfg["beta_mode"] == "beta_dpo" else None  # its M0
     model = DynamicBetaDPOModel(policy, head, reference, beta=cfg["beta"], beta_min=cfg["beta_min"],
                                 beta_max=cfg["beta_max"], beta_dpo=beta_dpo,
                                 share_prompt=not cfg.get("no_prompt_sharing", False))

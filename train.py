@@ -39,7 +39,8 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, summarize
-from data import DataError, PairBatchSampler, build_examples, collate, eval_batches, load_splits
+from data import (THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, eval_batches,
+                  load_splits)
 from evaluate import eval_metrics, run_eval, write_eval
 from model_loader import DEFAULT_MODEL, add_lora, frozen_copy, load_policy, load_tokenizer, make_accelerator
 
@@ -82,13 +83,22 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_length", type=int, default=512, help="max tokens of prompt + response")
     p.add_argument("--max_prompt_length", type=int, default=256, help="prompts keep their last this-many tokens")
     p.add_argument("--no_chat_template", action="store_true", help="use raw text even if the tokenizer has a chat template")
+    p.add_argument("--think_prefill", default="close", choices=THINK_PREFILL_CHOICES,
+                   help="when the generation prompt opens a reasoning block (DeepSeek-R1-Distill: <think>\\n) and a "
+                        "response has none: close: train an empty block, then the answer (what the model writes when it "
+                        "skips reasoning); open: train the answer right after <think>\\n; drop: end the prompt before "
+                        "<think>\\n (as TRL does; differs from what the model sees at inference). Responses with "
+                        "</think> always keep their reasoning")
     p.add_argument("--strict_data", action="store_true", help="stop at the first bad row instead of skipping and counting it")
     # beta
     p.add_argument("--beta_mode", default="fixed", choices=["fixed", "learnable", "beta_dpo"],
                    help="fixed: DPO with constant --beta; learnable: beta(x) = w * PPL(x) * f(h(x)); "
                         "beta_dpo: batch-level beta and pair filtering of beta-DPO (Wu et al. 2024)")
-    p.add_argument("--beta_dpo_alpha", type=float, default=0.6, help="beta_dpo: beta = beta0 * (1 + alpha * (mean margin - M0))")
-    p.add_argument("--beta_dpo_rho", type=float, default=0.8, help="beta_dpo: fraction of each batch kept by the margin filter")
+    p.add_argument("--beta_dpo_alpha", type=float, default=0.6,
+                   help="beta_dpo: beta = beta0 * (1 + alpha * (mean kept reward gap - M0)), the authors' a")
+    p.add_argument("--beta_dpo_rho", type=float, default=0.8,
+                   help="beta_dpo: fraction of each batch kept by the filter, int(B * rho) pairs (the authors' "
+                        "1 - mode_weight): a micro-batch of 8 keeps 6, of 4 keeps 3")
     p.add_argument("--beta", type=float, default=0.1, help="beta0: the fixed beta, and the initial mean of a learnable one")
     p.add_argument("--epsilon", type=float, default=0.1, help="f(h) = 1 + epsilon * tanh(NN(h)) lies in [1-eps, 1+eps]")
     p.add_argument("--nn_structure", default="linear", choices=["linear", "mlp"], help="the BetaHead's NN")
@@ -97,8 +107,11 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="learnable: w starts so that the mean beta over the first this many training prompts is --beta")
     p.add_argument("--ppl_transform", default="ppl", choices=["ppl", "log"],
                    help="beta scales with the prompt PPL (the spec) or with log PPL (a stabiliser; learnable only)")
-    p.add_argument("--beta_min", type=float, default=None, help="lower clamp of learnable beta (default beta/10)")
-    p.add_argument("--beta_max", type=float, default=None, help="upper clamp of learnable beta (default beta*10)")
+    p.add_argument("--beta_min", type=float, default=None,
+                   help="lower clamp of beta (learnable: default beta/10; beta_dpo: default 1e-3, the authors' floor)")
+    p.add_argument("--beta_max", type=float, default=None,
+                   help="upper clamp of beta (learnable: default beta*10; beta_dpo: default inf). Where a learnable "
+                        "beta is clamped, the loss pulls it back towards the bound, so the head never freezes")
     p.add_argument("--beta_reg", type=float, default=0.0, help="weight of the penalty mean((log beta - log beta0)^2)")
     p.add_argument("--beta_grad_to_policy", action="store_true",
                    help="let gradients flow from beta into the policy through PPL and h (ablation; default detached)")
@@ -135,6 +148,18 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def check_args(args, p) -> None:
     """Bad flag combinations fail here, before any model is loaded, saying what to change."""
+    for flag, value in vars(args).items():  # nan and inf pass every comparison below
+        if isinstance(value, float) and not (math.isfinite(value) or (flag == "beta_max" and value == math.inf)):
+            p.error(f"--{flag} must be a finite number; got {value}")
+    for flag in ("max_grad_norm", "weight_decay", "beta_reg"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag} must be >= 0; got {getattr(args, flag)}")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            p.error(f"--{flag} must be in [0, 1); got {getattr(args, flag)}")
+    for flag in ("adam_eps", "num_epochs", "lora_alpha", "mlp_hidden_size"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag} must be > 0; got {getattr(args, flag)}")
     if args.beta_mode != "learnable":
         if args.beta_head_lr is not None:
             p.error("--beta_head_lr only applies to --beta_mode learnable")
@@ -150,8 +175,12 @@ def check_args(args, p) -> None:
             args.beta_head_lr = 1e-3 if args.beta_head_lr is None else args.beta_head_lr
         if not 0 < args.beta_dpo_rho <= 1:
             p.error(f"--beta_dpo_rho must be in (0, 1]; got {args.beta_dpo_rho}")
-        args.beta_min = args.beta / 10 if args.beta_min is None else args.beta_min
-        args.beta_max = args.beta * 10 if args.beta_max is None else args.beta_max
+        if args.beta_mode == "learnable":
+            default_min, default_max = args.beta / 10, args.beta * 10
+        else:  # beta_dpo: the authors' floor 1e-3 and no ceiling
+            default_min, default_max = min(1e-3, args.beta / 10), math.inf
+        args.beta_min = default_min if args.beta_min is None else args.beta_min
+        args.beta_max = default_max if args.beta_max is None else args.beta_max
         if not 0 <= args.beta_min < args.beta <= args.beta_max:
             p.error(f"need 0 <= --beta_min < --beta <= --beta_max; got {args.beta_min}, {args.beta}, {args.beta_max}")
     for flag in ("beta", "policy_lr", "batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):
@@ -204,6 +233,8 @@ def save_checkpoint(path: str, model: DynamicBetaDPOModel, optimizer_state: dict
         tokenizer.save_pretrained(tmp)
         if model.beta_head is not None:
             model.beta_head.save_pretrained(tmp)
+        if model.beta_dpo is not None:
+            model.beta_dpo.save_pretrained(tmp)
         torch.save(dict(state, optimizer=optimizer_state, rng=dict(
             python=random.getstate(), torch=torch.get_rng_state(),
             cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])),
@@ -248,15 +279,24 @@ def resolve_resume(args) -> str | None:
     return args.resume_from
 
 
+# what fixes a run's starting point and its training rows, their tokens and order (with the step):
+# a resumed run must agree on every one of these
+RESUME_KEYS = ("model_name_or_path", "gguf_file", "lora_r", "lora_alpha", "lora_target_modules",  # start
+               "beta_mode", "nn_structure", "epsilon", "mlp_hidden_size", "ppl_transform",          # beta head
+               "dataset", "dataset_config", "dataset_data_dir", "split", "eval_split",               # which rows
+               "eval_fraction", "split_seed", "max_train_examples",
+               "max_length", "max_prompt_length", "no_chat_template", "think_prefill",               # their tokens
+               "seed", "batch_size", "gradient_accumulation_steps")                                  # their order
+
+
 def check_resume(resume: str, args) -> None:
-    """A checkpoint continues only the run it came from: same starting model, beta head and data
-    order. Learning rates, betas, eps, weight decay and intervals may change on resume."""
+    """A checkpoint continues only the run it came from: same starting model, beta head, training
+    rows and data order (RESUME_KEYS). Learning rates, betas, eps, weight decay and intervals may
+    change on resume."""
     with open(os.path.join(resume, "run_config.json")) as f:
-        saved = {"ppl_transform": "ppl", **json.load(f)}  # runs from before --ppl_transform used ppl
-    # the starting point, and what fixes the data order (a function of these and the step)
-    for key in ("model_name_or_path", "gguf_file", "beta_mode", "nn_structure", "epsilon", "mlp_hidden_size", "ppl_transform",
-                "dataset", "split", "split_seed", "max_train_examples", "seed", "batch_size", "gradient_accumulation_steps",
-                "max_length", "max_prompt_length", "no_chat_template", "lora_r", "lora_alpha", "lora_target_modules"):
+        # runs from before --ppl_transform / --think_prefill had the defaults
+        saved = {"ppl_transform": "ppl", "think_prefill": "close", **json.load(f)}
+    for key in RESUME_KEYS:
         if saved.get(key) != getattr(args, key):
             raise DataError(f"checkpoint {resume} has {key}={saved.get(key)!r} but this run has "
                             f"{getattr(args, key)!r}; pass --{key} {saved.get(key)} or start a new run")
@@ -361,6 +401,13 @@ def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
     return total
 
 
+def all_finite(params: list) -> bool:
+    """Whether every value of these (possibly sharded) tensors is finite: one max-norm per tensor
+    (it cannot overflow, and it is inf or nan exactly when some value is)."""
+    local = [t for t in ((p.to_local() if isinstance(p, DTensor) else p).detach() for p in params) if t.numel()]
+    return not local or bool(torch.stack(torch._foreach_norm(local, math.inf)).isfinite().all())
+
+
 def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -412,6 +459,7 @@ def main(argv=None):
     eval_rows = eval_rows[:args.max_eval_examples or None]
     build = partial(build_examples, tokenizer=tokenizer, max_length=args.max_length,
                     max_prompt_length=args.max_prompt_length, use_chat_template=not args.no_chat_template,
+                    think_prefill=args.think_prefill,
                     strict=args.strict_data)
     train_examples, train_report = build(train_rows, name="train data")
     eval_examples, eval_report = build(eval_rows, name="eval data")
@@ -445,7 +493,10 @@ def main(argv=None):
         else:
             head = BetaHead(policy.config.get_text_config().hidden_size, args.nn_structure, args.epsilon,
                             args.mlp_hidden_size, ppl_transform=args.ppl_transform)
-    beta_dpo = BetaDPO(args.beta_dpo_alpha, args.beta_dpo_rho) if args.beta_mode == "beta_dpo" else None
+    beta_dpo = None
+    if args.beta_mode == "beta_dpo":  # its running statistics M0, sigma and draw count resume too
+        beta_dpo = BetaDPO.from_pretrained(resume) if resume else BetaDPO(args.beta_dpo_alpha, args.beta_dpo_rho,
+                                                                          seed=args.seed)
     model = DynamicBetaDPOModel(policy, head, reference, args.beta, args.beta_min, args.beta_max,
                                 args.beta_reg, args.beta_grad_to_policy, beta_dpo,
                                 share_prompt=not args.no_prompt_sharing)
@@ -489,8 +540,6 @@ def main(argv=None):
             raise DataError(f"checkpoint {resume} was written by a run with {state['num_processes']} processes; "
                             f"resume with the same number (this run has {accelerator.num_processes})")
         step, skipped_steps = state["step"], state["skipped_steps"]
-        if beta_dpo is not None:
-            beta_dpo.load_state_dict(state["beta_dpo"])
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"]:
@@ -518,7 +567,7 @@ def main(argv=None):
                 ppls.append(accelerator.gather(ppl))
                 hs.append(accelerator.gather(h))
         ppl, h = torch.cat(ppls), torch.cat(hs)
-        raw_model.beta_head.rescale_(h, ppl, args.beta)
+        raw_model.beta_head.rescale_(h, ppl, args.beta, args.beta_min, args.beta_max)
         log(f"beta head: w initialised to {raw_model.beta_head.w.item():.4g}, the mean beta over the first {len(ppl)} "
             f"training prompts is {args.beta} (their PPL: mean {ppl.mean().item():.4g}, min {ppl.min().item():.4g}, "
             f"max {ppl.max().item():.4g})")
@@ -560,8 +609,7 @@ def main(argv=None):
             try:
                 save_checkpoint(path, raw_model, optimizer_state or optimizer.state_dict(), tokenizer,
                                 dict(step=step, examples_seen=step * global_batch, skipped_steps=skipped_steps,
-                                     num_processes=accelerator.num_processes,
-                                     beta_dpo=beta_dpo.state_dict() if beta_dpo else None), args, policy_state)
+                                     num_processes=accelerator.num_processes), args, policy_state)
                 if args.save_total_limit and "checkpoints" in path:
                     for old in complete_checkpoints(run_dir)[:-args.save_total_limit]:
                         shutil.rmtree(old)
@@ -626,6 +674,13 @@ def main(argv=None):
             bad_steps = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            # a finite gradient can still make non-finite weights (a huge learning rate or weight decay):
+            # stop before anything could save them
+            bad_weights = torch.tensor(float(not all_finite(params)), device=accelerator.device)
+            if accelerator.reduce(bad_weights, "max").item():
+                sys.exit(f"error: step {step}: the update made weights non-finite; nothing was saved from it (complete "
+                         f"checkpoints: {complete_checkpoints(run_dir) or 'none'}). Lower --policy_lr, "
+                         "--beta_head_lr or --weight_decay, and resume with --resume_from auto or start again.")
         step += 1
         pbar.update(1)
         pbar.set_postfix(loss=f"{loss_sum / args.gradient_accumulation_steps:.4f}")

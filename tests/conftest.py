@@ -8,6 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 TOKENIZER_DIR = os.path.join(SHARED, "tokenizers", "deepseek-r1-distill-qwen")
+OLD_TEMPLATE = os.path.join(SHARED, "tokenizers", "deepseek-r1-distill-qwen-2025-01-template", "chat_template.jinja")
 HH_PAIRS = os.path.join(SHARED, "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
 
 

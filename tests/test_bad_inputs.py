@@ -130,6 +130,17 @@ CASES = [
     ("beta bounds that exclude beta", lambda c: flags_error(c.capsys, "--beta_mode", "learnable", "--beta_max", "0.05"),
      "need 0 <= --beta_min < --beta <= --beta_max"),
     ("unknown --beta_mode", lambda c: flags_error(c.capsys, "--beta_mode", "adaptive"), "invalid choice: 'adaptive'"),
+    ("negative --max_grad_norm (gradient ascent)", lambda c: flags_error(c.capsys, "--max_grad_norm=-1"),
+     "--max_grad_norm must be >= 0"),
+    ("NaN learning rate", lambda c: flags_error(c.capsys, "--policy_lr", "nan"), "--policy_lr must be a finite number"),
+    ("infinite beta", lambda c: flags_error(c.capsys, "--beta", "inf"), "--beta must be a finite number"),
+    ("NaN --beta_max", lambda c: flags_error(c.capsys, "--beta_mode", "learnable", "--beta_max", "nan"),
+     "--beta_max must be a finite number"),
+    ("adam beta outside [0, 1)", lambda c: flags_error(c.capsys, "--adam_beta2", "1"), "--adam_beta2 must be in [0, 1)"),
+    ("update that makes weights non-finite", lambda c: raised(lambda: train.main(base_flags(
+        c.model, c.tmp / "r6", "--policy_lr", "1e38", "--weight_decay", "10"))), "the update made weights non-finite"),
+    ("prompt message with an unknown role", lambda c: skipped(c.tok, dict(
+        prompt=[{"role": "alien", "content": "hi"}], chosen="a", rejected="b")), '"unknown_role": 1'),
     ("--fsdp with LoRA", lambda c: flags_error(c.capsys, "--fsdp", "full_shard", "--lora_r", "8"),
      "--fsdp with --lora_r is not supported"),
     ("--fsdp in a single process", lambda c: raised(lambda: train.main(base_flags(c.model, c.tmp / "r5", "--fsdp", "full_shard")))
@@ -148,6 +159,8 @@ CASES = [
      "has beta_mode='fixed' but this run has 'learnable'"),
     ("checkpoint missing its BetaHead", lambda c: raised(lambda: evaluate.main(["--ckpt", str(learnable_without_head(c))])),
      "has no beta_head.safetensors"),
+    ("evaluate --ckpt whose run_config.json is {}", lambda c: raised(lambda: evaluate.main(
+        ["--ckpt", str(empty_run_config(c))])), "lacks ['model_name_or_path'"),
     ("evaluate --ckpt on a directory that is not a checkpoint", lambda c: raised(lambda: evaluate.main(
         ["--ckpt", str(mkdir(c.tmp / "nockpt"))])), "has no run_config.json"),
     ("model path that does not exist", lambda c: raised(lambda: train.main(base_flags(str(c.tmp / "no_model"), c.tmp / "r4"))),
@@ -172,6 +185,13 @@ def learnable_without_head(c):
     cfg = json.load(open(d / "run_config.json"))
     cfg.update(beta_mode="learnable")
     json.dump(cfg, open(d / "run_config.json", "w"))
+    return d
+
+
+def empty_run_config(c):
+    d = c.tmp / "emptycfg"
+    shutil.copytree(c.fixed / "final", d)
+    (d / "run_config.json").write_text("{}")
     return d
 
 

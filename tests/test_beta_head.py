@@ -352,6 +352,43 @@ def test_clamp_and_regulariser():
     assert loss_reg.item() == pytest.approx(loss.item() + reg.item(), rel=1e-5)
 
 
+def test_a_head_clamped_everywhere_still_learns_back_into_bounds():
+    """Every raw beta above beta_max: the DPO term gives the head no gradient (the clamp is flat
+    there), the pull gives one that lowers w; inside the bounds the pull is exactly zero."""
+    model = make_model()
+    batch = collate(pairs(), 0)
+    with torch.no_grad():
+        _, free = model(**batch)
+    unclamped_loss = free["losses"].mean()
+    model.beta_min, model.beta_max = 1e-9, 1e9  # far outside: nothing binds, no pull
+    loss, _ = model(**batch)
+    assert loss.item() == pytest.approx(unclamped_loss.item(), rel=1e-6)
+
+    bound = free["raw_beta"].min().item() / 2  # every raw beta is above it
+    model.beta_min, model.beta_max = bound / 10, bound
+    loss, stats = model(**batch)
+    assert (stats["beta"] == bound).all() and summarize(stats, 0.1, bound / 10, bound)["beta/clamped_frac"] == 1.0
+    model.beta_head.zero_grad()
+    loss.backward()
+    pull = (stats["raw_beta"].log() - math.log(bound)).pow(2).mean()
+    assert loss.item() == pytest.approx(stats["losses"].mean().item() + pull.item(), rel=1e-5)
+    # all of w's gradient is the pull's (the DPO term gives none through the clamp):
+    # d pull / d log_w = 2 * mean(log raw - log bound) > 0, so gradient descent lowers w back into range
+    assert model.beta_head.log_w.grad.item() == pytest.approx(
+        2 * (stats["raw_beta"].log() - math.log(bound)).mean().item(), rel=1e-4)
+    assert sum(p.grad.abs().sum() for p in model.beta_head.nn.parameters()) > 0
+
+
+def test_calibration_targets_the_clamped_beta_that_training_uses():
+    head = BetaHead(8, "linear")
+    h, ppl = torch.randn(6, 8), torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1000.0])  # one heavy-tailed prompt
+    head.rescale_(h, ppl, 0.1)
+    assert head(h, ppl).mean().item() == pytest.approx(0.1, rel=1e-5)
+    assert head(h, ppl).clamp(0.01, 0.3).mean().item() < 0.06  # the clamp would cut the mean by 40%
+    head.rescale_(h, ppl, 0.1, beta_min=0.01, beta_max=0.3)
+    assert head(h, ppl).clamp(0.01, 0.3).mean().item() == pytest.approx(0.1, rel=1e-4)
+
+
 def test_chunked_logps_equal_plain_values_and_gradients(monkeypatch):
     import beta_head
     monkeypatch.setattr(beta_head, "CHUNK_TOKENS", 3)  # several chunks, one of them partial
@@ -379,36 +416,77 @@ def test_logps_from_bf16_hidden_are_fp32():
     assert lp.dtype == torch.float32 and (lp <= 0).all()
 
 
-def test_beta_dpo_formula_filter_and_ema():
+def test_beta_dpo_matches_the_authors_formulas():
+    """Hand-computed from the beta-DPO code (junkangwu/beta-DPO, trainers.py): statistics updated
+    before use from zero, int(B * rho) pairs kept, beta from the mean of the KEPT raw gaps."""
+    import statistics
     from beta_head import BetaDPO
+    gaps = [0.0, 0.1, -0.1, 0.05, 10.0, 0.2, -0.3, 0.15]
+    bd = BetaDPO(alpha=0.6, rho=0.8, momentum=0.9)
+    beta, w = bd(torch.tensor(gaps), 0.1, training=True)
+    m0 = 0.9 * 0.0 + 0.1 * (sum(gaps) / 8)                      # 0.12625
+    sigma = 0.9 * 0.0 + 0.1 * statistics.stdev(gaps)            # unbiased std, as torch.std()
+    assert (bd.m0, bd.sigma) == (pytest.approx(m0), pytest.approx(sigma))
+    assert w.sum() == 6 and set(w.tolist()) <= {0.0, 1.0}        # int(8 * 0.8) = 6 of 8 kept
+    assert w[4] == 0  # the outlier, ~28 sigma from M0, has probability ~exp(-400)
+    kept = [g for g, k in zip(gaps, w.tolist()) if k]
+    assert beta.item() == pytest.approx(0.1 * (1 + 0.6 * (sum(kept) / 6 - m0)), rel=1e-6)
+    # a second batch: the EMA moves from the first batch's statistics
+    beta2, _ = bd(torch.tensor([1.0, 2.0, 3.0, 4.0]), 0.1, training=True)
+    assert bd.m0 == pytest.approx(0.9 * m0 + 0.1 * 2.5)
+    assert bd.sigma == pytest.approx(0.9 * sigma + 0.1 * statistics.stdev([1.0, 2.0, 3.0, 4.0]))
+    assert bd.calls == 2
+    state = bd.state_dict()
+    beta3, w3 = bd(torch.tensor([0.5, 0.6]), 0.1, training=False)  # evaluation: no filter, no update
+    assert w3 is None and bd.state_dict() == state
+    assert beta3.item() == pytest.approx(0.1 * (1 + 0.6 * (0.55 - bd.m0)))
+
+
+def test_beta_dpo_draws_with_the_gaussian_weights():
+    """P(keep i) is exp(-((A_i - M0) / sigma)^2 / 2) normalised: with M0 = 0, sigma = 1 frozen
+    (momentum 1) and one pair kept of gaps 0, 1, 2, the frequencies are 0.574, 0.348, 0.078."""
+    from beta_head import BetaDPO
+    bd = BetaDPO(alpha=0.0, rho=0.34, momentum=1.0)
+    bd.m0, bd.sigma = 0.0, 1.0
+    counts = torch.zeros(3)
+    for _ in range(4000):
+        counts += bd(torch.tensor([0.0, 1.0, 2.0]), 0.1, training=True)[1]
+    p = torch.tensor([1.0, math.exp(-0.5), math.exp(-2.0)])
+    assert torch.allclose(counts / 4000, p / p.sum(), atol=0.03), counts / 4000
+    # the draws depend only on (seed, call count): a restored state draws the same pairs
+    a, b = BetaDPO(rho=0.5, seed=3), BetaDPO(rho=0.5, seed=3)
+    gaps = torch.randn(8)
+    a(gaps, 0.1, True)
+    b.load_state_dict(a.state_dict())
     torch.manual_seed(0)
-    bd = BetaDPO(alpha=0.5, rho=0.8, momentum=0.9)
-    margins = torch.tensor([0.0, 0.1, -0.1, 0.05, 10.0])
-    beta, w = bd(margins, 0.1, training=True)
-    assert beta.item() == pytest.approx(0.1)  # first batch: M0 = its own mean
-    assert w.sum() == 4 and set(w.tolist()) <= {0.0, 1.0}
-    assert bd.m0 == pytest.approx(margins.mean().item())
-    bd.m0, bd.sigma = 0.0, 0.1
-    beta, w = bd(margins, 0.1, training=True)
-    assert beta.item() == pytest.approx(0.1 * (1 + 0.5 * margins.mean().item()))
-    assert w[4] == 0  # the outlier, 100 sigma from M0, is filtered out
-    assert bd.m0 == pytest.approx(0.1 * margins.mean().item())
-    m0 = bd.m0
-    beta, w = bd(margins, 0.1, training=False)  # evaluation: no filter, no update
-    assert w is None and bd.m0 == m0
+    wa = a(gaps, 0.1, True)[1]
+    torch.manual_seed(1)  # the global RNG does not matter
+    assert torch.equal(wa, b(gaps, 0.1, True)[1])
+
+
+def test_beta_dpo_first_step_with_zero_gaps_keeps_a_uniform_draw():
+    from beta_head import BetaDPO
+    bd = BetaDPO()
+    beta, w = bd(torch.zeros(8), 0.1, training=True)  # step 0: policy == reference, every gap 0
+    assert w.sum() == 6 and beta.item() == pytest.approx(0.1)
 
 
 def test_beta_dpo_model_loss_is_the_filtered_mean():
     from beta_head import BetaDPO
     model = make_model(learnable=False)
-    model.beta_dpo = BetaDPO(alpha=0.5, rho=0.6)  # ceil(0.6 * 3) = 2 pairs kept
-    model.beta_dpo.m0, model.beta_dpo.sigma = 0.0, 1.0
-    torch.manual_seed(0)
+    model.beta_dpo = BetaDPO(alpha=0.5, rho=0.7)  # int(0.7 * 3) = 2 pairs kept
     loss, stats = model(**collate(pairs(), 0))
     assert torch.all(stats["beta"] == stats["beta"][0]) and not stats["beta"].requires_grad
-    margins0 = 0.1 * ((stats["policy_chosen_logps"] - stats["reference_chosen_logps"])
-                      - (stats["policy_rejected_logps"] - stats["reference_rejected_logps"]))
-    assert stats["beta"][0].item() == pytest.approx(0.1 * (1 + 0.5 * margins0.mean().item()), rel=1e-5)
-    # 2 of 3 pairs kept: the loss is the mean over a 2-subset of the per-pair losses
-    subsets = [(stats["losses"].sum() - x) / 2 for x in stats["losses"]]
-    assert any(torch.allclose(loss, s) for s in subsets)
+    gaps = ((stats["policy_chosen_logps"] - stats["reference_chosen_logps"])
+            - (stats["policy_rejected_logps"] - stats["reference_rejected_logps"]))
+    assert model.beta_dpo.m0 == pytest.approx(0.1 * gaps.mean().item(), rel=1e-5)
+    # 2 of 3 pairs kept: beta from their raw gaps, the loss the mean of their losses
+    matches = [k for k in range(3) if torch.allclose(loss, (stats["losses"].sum() - stats["losses"][k]) / 2)]
+    assert matches, "the loss is not the mean over a 2-subset"
+    kept = torch.tensor([i != matches[0] for i in range(3)])
+    expected = 0.1 * (1 + 0.5 * (gaps[kept].mean().item() - model.beta_dpo.m0))
+    assert stats["beta"][0].item() == pytest.approx(max(expected, 0.0), rel=1e-5)
+    # the clamped fraction is measured before the clamp (it was always 0)
+    model.beta_min, model.beta_max = 0.5, 1.0  # above every beta-DPO beta here
+    _, stats = model(**collate(pairs(), 0))
+    assert (stats["beta"] == 0.5).all() and summarize(stats, 0.1, 0.5, 1.0)["beta/clamped_frac"] == 1.0

@@ -18,6 +18,7 @@ from test_train import common
 REPO = os.path.dirname(os.path.abspath(train.__file__))
 ARGS = ["--beta_mode", "learnable", "--max_steps", "4", "--log_every_steps", "1", "--save_every_steps", "2",
         "--save_total_limit", "0", "--beta_head_lr", "1e-2", "--eval_batch_size", "2"]
+WEIGHT_ATOL, MAX_OFF = 5e-4, 100  # 1 vs 2 processes: rounding that Adam amplifies, see the first test
 
 
 def torchrun(args, nproc=2, script=("train.py",), expect_rc=0, timeout=600):
@@ -54,10 +55,12 @@ def test_two_processes_equal_one_and_resume(tiny_qwen2_dir, tmp_path):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
     w1, w2 = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
     # Adam divides by sqrt(v): an element whose gradient is ~0 moves by up to lr (1e-3) per step on
-    # rounding alone, and one process packs 2 pairs per forward where two pack 1. Measured: one of
-    # 9.7M elements differs by 1.9e-5, all others by <= 7e-7; a real divergence moves them all by ~lr.
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
-    assert sum(int(((w1[k] - w2[k]).abs() > 1e-6).sum()) for k in w1) <= 10
+    # rounding alone, and one process packs 2 pairs per forward where two pack 1. Measured with the
+    # 2025-01 DeepSeek template: one of 9.7M elements differed by 1.9e-5; with the current template
+    # (responses open with the empty reasoning block) 51 lm_head elements differ by up to 2.1e-4, all
+    # others by <= 1e-6. A real divergence (e.g. a missing gradient sync) moves millions by ~lr.
+    assert all(torch.allclose(w1[k], w2[k], atol=WEIGHT_ATOL) for k in w1)
+    assert sum(int(((w1[k] - w2[k]).abs() > 1e-6).sum()) for k in w1) <= MAX_OFF
     # only the main process wrote: one complete copy of each checkpoint, no stray temporaries
     assert sorted(os.listdir(two / "checkpoints")) == ["step_2"]
 
@@ -88,8 +91,8 @@ def test_fsdp_two_processes_equal_one_and_resume(tiny_qwen2_dir, tmp_path, mode)
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
     w1, w2 = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
     assert set(w1) == set(w2) and all(w1[k].shape == w2[k].shape for k in w1)  # whole tensors, not shards
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)  # tolerance: see the DDP test above
-    assert sum(int(((w1[k] - w2[k]).abs() > 1e-6).sum()) for k in w1) <= 10
+    assert all(torch.allclose(w1[k], w2[k], atol=WEIGHT_ATOL) for k in w1)  # tolerance: see the DDP test above
+    assert sum(int(((w1[k] - w2[k]).abs() > 1e-6).sum()) for k in w1) <= MAX_OFF
     h1, h2 = (load_file(str(r / "final" / "beta_head.safetensors")) for r in (one, two))
     assert all(torch.allclose(h1[k], h2[k], atol=1e-6) for k in h1)
     assert sorted(os.listdir(two / "checkpoints")) == ["step_2"]

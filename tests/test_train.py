@@ -202,20 +202,62 @@ def test_resume_applies_new_learning_rate_and_refuses_new_data_order(tiny_qwen2_
 
 
 def test_beta_dpo_mode_trains_and_resumes_exactly(tiny_qwen2_dir, tmp_path):
-    args = ["--beta_mode", "beta_dpo", "--max_steps", "4", "--save_every_steps", "2", "--batch_size", "4",
-            "--log_every_steps", "1"]
+    """rho 0.8 at batch 8 keeps 6 pairs per step: the filter's draws resume exactly, and a run whose
+    optimizer state was pruned is still evaluable (M0 lives in beta_dpo.json beside the weights)."""
+    args = ["--beta_mode", "beta_dpo", "--max_steps", "4", "--save_every_steps", "2", "--batch_size", "8",
+            "--log_every_steps", "1", "--beta_dpo_rho", "0.8"]
     full = tmp_path / "full"
     train.main(common(tiny_qwen2_dir, full, *args))
     part = tmp_path / "part"
     os.makedirs(part / "checkpoints")
     shutil.copytree(full / "checkpoints" / "step_2", part / "checkpoints" / "step_2")
+    torch.manual_seed(12345)  # the global RNG must not matter to the filter
     train.main(common(tiny_qwen2_dir, part, *args, "--resume_from", "auto"))
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(full / "final" / "trainer_state.pt", weights_only=True)["beta_dpo"]
-    sb = torch.load(part / "final" / "trainer_state.pt", weights_only=True)["beta_dpo"]
-    assert sa == sb and sa["m0"] is not None
+    sa = json.load(open(full / "final" / "beta_dpo.json"))
+    sb = json.load(open(part / "final" / "beta_dpo.json"))
+    assert sa == sb and sa["calls"] == 4 and sa["m0"] != 0.0
     lines = [json.loads(x) for x in open(full / "metrics.jsonl") if '"train"' in x]
     assert lines[-1]["beta/std"] < 1e-6  # one beta per batch
+    os.remove(full / "final" / "trainer_state.pt")  # what experiments.py prune does
     metrics = evaluate.main(["--ckpt", str(full / "final")])
     assert metrics["pairs"] == 8
+
+
+# one group per line: flags that decide which rows train, their tokens, and their order
+RESUME_GROUPS = {
+    "source": [("--dataset_config", "other"), ("--dataset_data_dir", "harmless-base")],
+    "splits": [("--split", "validation"), ("--eval_split", "validation")],
+    "held-out fraction": [("--eval_fraction", "0.2"), ("--split_seed", "3")],
+    "row count": [("--max_train_examples", "100")],
+    "tokens": [("--think_prefill", "open"), ("--max_length", "96"), ("--no_chat_template", None)],
+    "order": [("--seed", "7"), ("--batch_size", "4"), ("--gradient_accumulation_steps", "2")],
+}
+
+
+@pytest.mark.parametrize("group", list(RESUME_GROUPS))
+def test_resume_refuses_other_rows(group, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    os.makedirs(ckpt)
+    base = common("tiny", tmp_path / "run")
+    json.dump(vars(train.get_args(base)), open(ckpt / "run_config.json", "w"))
+    train.check_resume(str(ckpt), train.get_args(base))  # the same flags resume
+    for flag, value in RESUME_GROUPS[group]:
+        changed = [x for x in base]
+        if flag in changed:
+            changed[changed.index(flag) + 1] = value
+        else:
+            changed += [flag] + ([value] if value is not None else [])
+        with pytest.raises(DataError, match=f"has {flag[2:]}="):
+            train.check_resume(str(ckpt), train.get_args(changed))
+
+
+def test_non_finite_weights_are_never_saved(tiny_qwen2_dir, tmp_path):
+    """A finite gradient with an absurd step (lr * weight decay overflows fp32) makes inf weights:
+    the run stops with one line at that step and writes no checkpoint of them."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="step 0: the update made weights non-finite"):
+        train.main(common(tiny_qwen2_dir, out, "--max_steps", "3", "--policy_lr", "1e38", "--weight_decay", "10",
+                          "--save_every_steps", "1"))
+    assert not (out / "final").exists() and not (out / "checkpoints").exists()

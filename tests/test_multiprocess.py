@@ -106,6 +106,27 @@ def test_fsdp_two_processes_equal_one_and_resume(tiny_qwen2_dir, tmp_path, mode)
     assert metrics["pairs"] == 8
 
 
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_beta_dpo_statistics_are_gathered_over_processes(tiny_qwen2_dir, tmp_path):
+    """beta-DPO on 2 processes x 4 pairs sees the same 8 gaps as 1 process x 8 (gathered in rank
+    order, drawn with the same generator): the same M0, sigma and beta. With rho < 1 the policies
+    part after the first step (like the authors' code, each process averages over its own kept
+    pairs), so the first step is compared; with rho = 1 every step is."""
+    for rho, steps in (("0.5", 1), ("1.0", 3)):
+        args = ["--beta_mode", "beta_dpo", "--beta_dpo_rho", rho, "--max_steps", str(steps), "--log_every_steps", "1",
+                "--eval_batch_size", "2"]
+        one, two = tmp_path / f"one{rho}", tmp_path / f"two{rho}"
+        train.main(common(tiny_qwen2_dir, one, *args, "--batch_size", "8"))
+        torchrun(common(tiny_qwen2_dir, two, *args, "--batch_size", "4"))
+        s1, s2 = (json.load(open(r / "final" / "beta_dpo.json")) for r in (one, two))
+        assert s1["calls"] == s2["calls"] == steps
+        assert s2["m0"] == pytest.approx(s1["m0"], rel=1e-4) and s2["sigma"] == pytest.approx(s1["sigma"], rel=1e-4)
+        for a, b in zip(train_lines(one), train_lines(two)):
+            assert b["beta/mean"] == pytest.approx(a["beta/mean"], rel=1e-5), (rho, a["step"])
+            assert b["beta/std"] < 1e-7  # both processes drew the same pairs, so they agree on beta
+
+
 needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 

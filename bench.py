@@ -1,7 +1,7 @@
 """
 Training-step benchmark: our fused DPO step against the seed's literal design and TRL's DPOTrainer.
 
-    python bench.py                    # SmolLM2-135M-Instruct, 4 HH-RLHF pairs x <=256 tokens, fp32, CPU
+    python bench.py                    # SmolLM2-135M-Instruct, 4 HH-RLHF pairs x <=256 tokens, fp32 and bf16, CPU
     python bench.py --memory_sweep     # peak RSS vs sequence length, tiny Qwen2 with the 151,936 vocabulary
     python bench.py --profile          # where one ours-learnable step spends its time
 
@@ -19,13 +19,20 @@ clip_grad_norm_ (1.0), fused AdamW step (train.py's and TRL's default), zero_gra
   seed                          the seed's literal design, `seed_loss` below: a no-grad prompt forward
                                 for PPL and h, then separate chosen / rejected forwards with full logits
   trl                           trl.DPOTrainer (sigmoid loss), timed per step by a callback in train()
+  trl-default                   trl.DPOTrainer with DPOConfig's own defaults on this machine (bf16 autocast and
+                                activation checkpointing in TRL 1.16): what its users run
   NAME+cache                    reference log-probs computed before timing, no reference model in memory
+
+Precision (--precision fp32,bf16): every config but trl-default runs in each listed precision, named
+NAME@fp32 / NAME@bf16. bf16 is autocast with fp32 master weights on both sides (train.py --precision
+bf16; TRL's bf16=True); trl-default runs in the precision its defaults choose.
 
 FLOPs per step (model FLOPs, attention scores ignored, N = all parameters, tied embedding once):
   6 N x policy tokens + 2 N x reference tokens (0 with a cache) + 2 N x prompt tokens (seed only),
 where tokens are the real (non-pad) tokens the config runs through the model: with a shared prompt
-each prompt counts once, otherwise twice; the % is of an fp32 2048^3 matmul measured in the same
-run. "real tokens/s" counts every config's tokens the conventional way (each prompt twice), so it
+each prompt counts once, otherwise twice; the % is of a 2048^3 matmul in the precision the step
+runs in, measured in the same run (the table records the CPU model and the bf16 / fp32 ratio:
+bf16 kernels differ by CPU, so ratios between machines do not compare). "real tokens/s" counts every config's tokens the conventional way (each prompt twice), so it
 compares configs on the same work.
 CPU only: peak memory is the process's peak RSS (ru_maxrss), which includes imports and the model.
 
@@ -54,7 +61,9 @@ from model_loader import build_tiny_qwen2, frozen_copy, load_policy, load_tokeni
 ROOT = os.path.dirname(os.path.abspath(__file__))
 HH_PAIRS = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
 DEEPSEEK_TOKENIZER = os.path.join(ROOT, "..", "shared", "tokenizers", "deepseek-r1-distill-qwen")
-CONFIGS = [f"{c}{s}" for s in ("", "+cache") for c in ("ours-fixed", "ours-learnable", "ours-unshared", "seed", "trl")]
+KINDS = ("ours-fixed", "ours-learnable", "ours-unshared", "seed", "trl", "trl-default")
+CONFIGS = [f"{c}{s}" for s in ("", "+cache") for c in KINDS]
+DEFAULT_CONFIGS = [f"{c}{s}" for s in ("", "+cache") for c in ("ours-fixed", "ours-learnable", "trl", "trl-default")]
 SWEEP_CONFIGS = ["ours-learnable", "seed", "trl"]
 BETA, LR = 0.1, 1e-6
 
@@ -71,7 +80,10 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup_steps", type=int, default=2, help="untimed steps at the start of every process")
     p.add_argument("--steps", type=int, default=5, help="timed steps per process (step i always gets batch i)")
     p.add_argument("--rounds", type=int, default=2, help="passes over the configs, order rotated; medians pool all rounds")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--precision", default="fp32,bf16",
+                   help="fp32, bf16 (autocast, fp32 master weights) or both (comma list): every config but trl-default "
+                        "runs in each")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="torch seed in every process (BetaHead init)")
     p.add_argument("--json", default="bench_results.json", help="write all results here")
@@ -79,9 +91,9 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="instead: peak RSS of one step at --sweep_lengths, batch 2 pairs, tiny Qwen2 with the real vocabulary")
     p.add_argument("--sweep_lengths", default="256,512,1024,2048", help="sequence lengths of --memory_sweep")
     p.add_argument("--profile", action="store_true",
-                   help="instead: where one ours-learnable step spends its time (torch.profiler, after the warm-up): "
-                        "the matmuls' share of the step and their own GFLOP/s against the matmul peak")
-    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)      # internal: run one config
+                   help="instead: where one ours-learnable step spends its time (torch.profiler, after the warm-up), in the "
+                        "last --precision: the matmuls' share of the step and their own GFLOP/s against that matmul peak")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)      # internal: run one config (NAME@PRECISION)
     p.add_argument("--_model_dir", default=None, help=argparse.SUPPRESS)   # internal: converted weights
     p.add_argument("--_sweep_len", type=int, default=0, help=argparse.SUPPRESS)  # internal: synthetic pairs
     p.add_argument("--_profile", action="store_true", help=argparse.SUPPRESS)   # internal: profile a step
@@ -89,6 +101,8 @@ def get_args(argv=None) -> argparse.Namespace:
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         p.error(f"unknown --configs {sorted(unknown)}; choose from {CONFIGS}")
+    if not set(args.precision.split(",")) <= {"fp32", "bf16"}:
+        p.error(f"--precision takes fp32, bf16 or fp32,bf16; got {args.precision!r}")
     return args
 
 
@@ -151,15 +165,16 @@ def bench_pairs(args, tok) -> tuple[list[dict], list[dict]]:
     return examples, rows
 
 
-def setup_trl(args, policy, tok, examples, rows, cache: bool, tmp: str, n_steps: int):
-    """A DPOTrainer on the same weights and token ids; returns (run, per-step times list)."""
+def setup_trl(args, policy, tok, examples, rows, cache: bool, tmp: str, n_steps: int, precision: str | None):
+    """A DPOTrainer on the same weights and token ids; returns (run, per-step times list). precision
+    None: DPOConfig's own defaults for precision and activation checkpointing (trl-default)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    ours = {} if precision is None else dict(bf16=precision == "bf16", fp16=False, activation_checkpointing=False)
     config = DPOConfig(
-        output_dir=tmp, report_to=[], use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
-        loss_type=["sigmoid"], beta=BETA, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        output_dir=tmp, report_to=[], use_cpu=True, **ours, loss_type=["sigmoid"], beta=BETA, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused",  # TRL's default, = train.py's AdamW(fused=True)
         max_length=args.max_length, precompute_ref_log_probs=cache, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, max_steps=n_steps, train_sampling_strategy="sequential",
@@ -191,45 +206,48 @@ def setup_trl(args, policy, tok, examples, rows, cache: bool, tmp: str, n_steps:
             times.append(time.perf_counter() - self.t0)
 
     trainer.add_callback(StepTimer())
+    own_tokens.update(bf16=config.bf16, activation_checkpointing=config.activation_checkpointing)
     return trainer.train, times, own_tokens
 
 
 def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    name = args._worker
+    name, precision = args._worker.split("@")
     kind, cache = name.removesuffix("+cache"), name.endswith("+cache")
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
     tok = load_tokenizer(args._model_dir)
     examples, rows = bench_pairs(args, tok)
     batches = [collate(examples[i:i + args.batch_size], tok.pad_token_id) for i in range(0, len(examples), args.batch_size)]
     policy = load_policy(args._model_dir)
-    result = dict(config=name, pairs=len(examples), real_tokens=[int(b["attention_mask"].sum()) for b in batches],
+    result = dict(config=args._worker, precision=precision, pairs=len(examples), real_tokens=[int(b["attention_mask"].sum()) for b in batches],
                   prompt_tokens=[int(b["prompt_mask"][:args.batch_size].sum()) for b in batches])
 
-    if kind == "trl":
+    if kind.startswith("trl"):
         with tempfile.TemporaryDirectory() as tmp:
             train, times, result["trl_own_tokenisation"] = setup_trl(
-                args, policy, tok, examples, rows, cache, tmp, len(batches))
+                args, policy, tok, examples, rows, cache, tmp, len(batches), None if kind == "trl-default" else precision)
             result["rss_before_steps_gb"] = current_rss_gb()
             train()
     else:
-        reference = frozen_copy(policy)
+        reference = frozen_copy(policy, torch.bfloat16 if precision == "bf16" else None)  # as train.py
         head = BetaHead(policy.config.get_text_config().hidden_size) if kind != "ours-fixed" else None
         # w is not calibrated to beta0 here: the value of beta does not change the cost of a step
         model = DynamicBetaDPOModel(policy, head, reference, beta=BETA, share_prompt=kind != "ours-unshared")
         if cache:  # reference log-probs once, before timing; then no reference model in memory
             for b in batches:
-                b["reference_logps"] = (seed_reference_logps(reference, b) if kind == "seed" else
-                                        model.reference_logps(b["input_ids"], b["attention_mask"], b["loss_mask"],
-                                                            model.pair_layout(b["input_ids"], b["attention_mask"],
-                                                                              b["prompt_mask"])))
+                with autocast():
+                    b["reference_logps"] = (seed_reference_logps(reference, b) if kind == "seed" else model.reference_logps(
+                        b["input_ids"], b["attention_mask"], b["loss_mask"],
+                        model.pair_layout(b["input_ids"], b["attention_mask"], b["prompt_mask"])))
             model.__dict__["reference_model"] = reference = None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)  # as train.py
         result["rss_before_steps_gb"] = current_rss_gb()
 
         def step(b):
-            loss = seed_loss(policy, reference, head, b) if kind == "seed" else model(**b)[0]
+            with autocast():  # as accelerate's bf16 mode wraps train.py's forward
+                loss = seed_loss(policy, reference, head, b) if kind == "seed" else model(**b)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -289,10 +307,10 @@ def run_config(args, name: str, model_dir: str, extra: list[str] = ()) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
-    """Median fp32 GFLOP/s of an n x n @ n x n matmul: this machine's practical peak."""
+def matmul_gflops(threads: int, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10) -> float:
+    """Median GFLOP/s of an n x n @ n x n matmul in dtype: this machine's practical peak."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     times = []
     for i in range(repeats + 2):
         t0 = time.perf_counter()
@@ -300,6 +318,15 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
         if i >= 2:
             times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def peaks(threads: int) -> dict[str, float]:
+    return {"fp32": matmul_gflops(threads), "bf16": matmul_gflops(threads, torch.bfloat16)}
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
 
 
 def prepare_model(args, tmp: str) -> str:
@@ -314,23 +341,26 @@ def prepare_model(args, tmp: str) -> str:
     return tmp
 
 
-def summarize(name: str, runs: list[dict], peak: float) -> dict:
+def summarize(name: str, runs: list[dict], peak: dict[str, float]) -> dict:
     times = [t for r in runs for t in r["step_times"]]
     tokens = [n for r in runs for n in r["real_tokens"]]
     prompts = [n for r in runs for n in r["prompt_tokens"]]
-    N, cache = runs[0]["n_params"], name.endswith("+cache")
+    N, cache = runs[0]["n_params"], "+cache" in name
     shared = name.startswith(("ours-fixed", "ours-learnable"))  # each prompt runs once
     computed = [n - p if shared else n for n, p in zip(tokens, prompts)]
     flops = [N * (6 * c + (0 if cache else 2 * c) + (2 * p if name.startswith("seed") else 0))
              for c, p in zip(computed, prompts)]
     gflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e9
-    return dict(config=name, median_step_s=statistics.median(times), steps_measured=len(times),
+    own = runs[0].get("trl_own_tokenisation") or {}
+    precision = "bf16" if own.get("bf16") else runs[0]["precision"] if not name.startswith("trl-default") else "fp32"
+    return dict(config=name, precision=precision, checkpointing=bool(own.get("activation_checkpointing")),
+                median_step_s=statistics.median(times), steps_measured=len(times),
                 pairs_per_s=runs[0]["batch_size"] / statistics.median(times),
                 real_tokens_per_s=statistics.median(n / t for n, t in zip(tokens, times)),
                 real_tokens_per_step=statistics.mean(tokens), computed_tokens_per_step=statistics.mean(computed),
                 peak_rss_gb=max(r["peak_rss_gb"] for r in runs),
                 rss_before_steps_gb=max(r["rss_before_steps_gb"] for r in runs), gflops=gflops,
-                pct_of_peak=100 * gflops / peak)
+                pct_of_peak=100 * gflops / peak[precision])
 
 
 def paired(runs: dict, a: str, b: str) -> float | None:
@@ -342,10 +372,18 @@ def paired(runs: dict, a: str, b: str) -> float | None:
     return statistics.median(y / x for x, y in zip(ta, tb))
 
 
+def config_names(args) -> list[str]:
+    """NAME@PRECISION for every config and precision; trl-default once, in its own precision."""
+    precisions = args.precision.split(",")
+    return [f"{c}@{p}" for p in precisions for c in args.configs.split(",") if not c.startswith("trl-default")] + \
+        [f"{c}@default" for c in args.configs.split(",") if c.startswith("trl-default")]
+
+
 def main_bench(args, model_dir: str) -> dict:
-    names = args.configs.split(",")
-    peak_before = matmul_gflops(args.threads)
-    print(f"fp32 matmul 2048^3 on {args.threads} threads: {peak_before:.1f} GFLOP/s", flush=True)
+    names = config_names(args)
+    cpu, peak_before = cpu_model(), peaks(args.threads)
+    print(f"{cpu}: 2048^3 matmul on {args.threads} threads: fp32 {peak_before['fp32']:.1f} GFLOP/s, "
+          f"bf16 {peak_before['bf16']:.1f} GFLOP/s", flush=True)
     runs = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -353,36 +391,54 @@ def main_bench(args, model_dir: str) -> dict:
             res = run_config(args, name, model_dir)
             res.update(batch_size=args.batch_size, matmul_gflops_before=speed)
             runs[name].append(res)
-            print(f"round {r + 1}/{args.rounds} {name:22s} median {statistics.median(res['step_times']):6.2f} s/step "
+            print(f"round {r + 1}/{args.rounds} {name:27s} median {statistics.median(res['step_times']):6.2f} s/step "
                   f"(warm-up {', '.join(f'{t:.1f}' for t in res['warmup_times'])} s), peak RSS {res['peak_rss_gb']:.2f} GB, "
-                  f"{time.time() - t0:.0f} s wall; matmul before it {speed:.0f} GFLOP/s", flush=True)
-    peak = max([peak_before, matmul_gflops(args.threads)] + [r["matmul_gflops_before"] for rs in runs.values() for r in rs])
+                  f"{time.time() - t0:.0f} s wall; fp32 matmul before it {speed:.0f} GFLOP/s", flush=True)
+    peak_after = peaks(args.threads)
+    peak = {"fp32": max([peak_before["fp32"], peak_after["fp32"]] + [r["matmul_gflops_before"] for rs in runs.values() for r in rs]),
+            "bf16": max(peak_before["bf16"], peak_after["bf16"])}
     rows = [summarize(n, runs[n], peak) for n in names]
-    peaks = {row["config"]: row["peak_rss_gb"] for row in rows}
+    rss = {row["config"]: row["peak_rss_gb"] for row in rows}
+
+    def versus(row, trl_name):
+        suffix = "+cache" if "+cache" in row["config"] else ""
+        other = f"trl{suffix}@{trl_name}" if trl_name != "default" else f"trl-default{suffix}@default"
+        return paired(runs, row["config"], other), (row["peak_rss_gb"] / rss[other] if other in rss else None)
+
     for row in rows:
-        suffix = "+cache" if row["config"].endswith("+cache") else ""
-        row["speedup_vs_trl"] = paired(runs, row["config"], "trl" + suffix)
-        row["rss_vs_trl"] = row["peak_rss_gb"] / peaks["trl" + suffix] if "trl" + suffix in peaks else None
+        row["vs_trl_same_precision"], row["rss_vs_trl_same_precision"] = versus(row, row["config"].split("@")[1])
+        row["vs_trl_default"], row["rss_vs_trl_default"] = versus(row, "default")
     fmt = lambda x, f: "–" if x is None else format(x, f)  # noqa: E731
-    print(f"\n{args.batch_size} pairs x <= {args.max_length} tokens, fp32, {args.threads} threads, torch {torch.__version__}, "
-          f"{rows[0]['steps_measured']} measured steps per config; matmul peak {peak:.1f} GFLOP/s. pairs/s and tokens/s are "
-          "medians over steps; 'vs TRL' is the median over steps of TRL's step time / this config's on the same batch "
-          "and round (same cache setting)\n")
-    print("| config | pairs/s | real tokens/s | peak RSS GB | speed vs TRL | RSS vs TRL | GFLOP/s | % of matmul peak |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    ratio = peak["bf16"] / peak["fp32"]
+    print(f"\n{time.strftime('%Y-%m-%d')}, {cpu}, {args.threads} threads, torch {torch.__version__}: matmul peak fp32 "
+          f"{peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s (bf16 / fp32 = {ratio:.2f}). {args.batch_size} pairs "
+          f"x <= {args.max_length} tokens, {rows[0]['steps_measured']} measured steps per config. pairs/s and tokens/s "
+          "are medians over steps; 'vs TRL' is the median over steps of TRL's step time / this config's on the same "
+          "batch and round (same cache setting); % of peak is against the matmul peak of the step's precision\n")
+    print("| config | precision | pairs/s | real tokens/s | peak RSS GB | speed vs TRL same precision | RSS vs TRL same "
+          "precision | speed vs TRL default | RSS vs TRL default | GFLOP/s | % of matmul peak |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {row['config']} | {row['pairs_per_s']:.3f} | {row['real_tokens_per_s']:.0f} | {row['peak_rss_gb']:.2f} | "
-              f"{fmt(row['speedup_vs_trl'], '.2f')} | {fmt(row['rss_vs_trl'], '.2f')} | {row['gflops']:.1f} | "
-              f"{row['pct_of_peak']:.1f} |")
+        prec = row["precision"] + (" + checkpointing" if row["checkpointing"] else "")
+        print(f"| {row['config'].split('@')[0]} | {prec} | {row['pairs_per_s']:.3f} | {row['real_tokens_per_s']:.0f} | "
+              f"{row['peak_rss_gb']:.2f} | {fmt(row['vs_trl_same_precision'], '.2f')} | "
+              f"{fmt(row['rss_vs_trl_same_precision'], '.2f')} | {fmt(row['vs_trl_default'], '.2f')} | "
+              f"{fmt(row['rss_vs_trl_default'], '.2f')} | {row['gflops']:.1f} | {row['pct_of_peak']:.1f} |")
     print()
     for suffix in ("", "+cache"):  # the same paired medians, for the other comparisons of the issue
-        for a, b in (("ours-fixed", "ours-learnable"), ("ours-learnable", "seed"), ("ours-learnable", "ours-unshared"),
-                     ("ours-unshared", "seed")):
-            ratio = paired(runs, a + suffix, b + suffix)
-            if ratio is not None:
-                print(f"step time {b + suffix} / {a + suffix}: {ratio:.3f}")
-    if "trl" in runs:
-        r = runs["trl"][0]
+        for p in args.precision.split(","):
+            for a, b in (("ours-fixed", "ours-learnable"), ("ours-learnable", "seed"), ("ours-learnable", "ours-unshared"),
+                         ("ours-unshared", "seed")):
+                r = paired(runs, f"{a}{suffix}@{p}", f"{b}{suffix}@{p}")
+                if r is not None:
+                    print(f"step time {b}{suffix}@{p} / {a}{suffix}@{p}: {r:.3f}")
+        for c in ("ours-fixed", "ours-learnable", "trl"):
+            r = paired(runs, f"{c}{suffix}@bf16", f"{c}{suffix}@fp32")
+            if r is not None:
+                print(f"step time {c}{suffix}@fp32 / {c}{suffix}@bf16: {r:.3f}")
+    trl_runs = [rs[0] for n, rs in runs.items() if n.startswith("trl")]
+    if trl_runs:
+        r = trl_runs[0]
         print(f"real tokens per measured step: {rows[0]['real_tokens_per_step']:.0f}, the same token ids for every config. "
               f"For the record, TRL's own tokenisation of the {r['pairs']} pairs: {r['trl_own_tokenisation']['real_tokens']} "
               f"real tokens in {r['trl_own_tokenisation']['pairs']} pairs kept; ours: {sum(r['all_real_tokens'])} in {r['pairs']}")
@@ -392,22 +448,25 @@ def main_bench(args, model_dir: str) -> dict:
           f"{statistics.mean(n - p for n, p in zip(r0['real_tokens'], r0['prompt_tokens'])):.0f} per step when each prompt "
           "runs once (ours-fixed, ours-learnable), "
           f"{rows[0]['real_tokens_per_step']:.0f} when it runs twice")
-    return dict(matmul_gflops=dict(start=peak_before, peak=peak), summary=rows, runs=runs)
+    return dict(cpu=cpu, matmul_gflops=dict(start=peak_before, end=peak_after, peak=peak, bf16_over_fp32=ratio),
+                summary=rows, runs=runs)
 
 
 def main_profile(args, model_dir: str) -> dict:
-    peak = matmul_gflops(args.threads)
-    res = run_config(args, "ours-learnable", model_dir, ["--_profile"])
+    precision = args.precision.split(",")[-1]
+    peak = peaks(args.threads)[precision]
+    res = run_config(args, f"ours-learnable@{precision}", model_dir, ["--_profile"])
     mm_rate = res["matmul_flops"] / res["matmul_s"] / 1e9
-    print(f"ours-learnable, one step (batch {args.warmup_steps + 1}, {res['real_tokens'][args.warmup_steps]} real tokens) "
-          f"under torch.profiler: {res['step_s']:.2f} s wall; fp32 matmul peak {peak:.1f} GFLOP/s\n")
+    print(f"{cpu_model()}: ours-learnable in {precision}, one step (batch {args.warmup_steps + 1}, "
+          f"{res['real_tokens'][args.warmup_steps]} real tokens) under torch.profiler: {res['step_s']:.2f} s wall; "
+          f"{precision} matmul peak {peak:.1f} GFLOP/s\n")
     print("| op | self time s | share of step | calls |")
     print("| --- | ---: | ---: | ---: |")
     for key, t, n in res["ops"]:
         print(f"| {key[:60]} | {t:.3f} | {100 * t / res['step_s']:.1f}% | {n} |")
     print(f"\nmatmuls (mm, addmm, bmm): {res['matmul_s']:.2f} s = {100 * res['matmul_s'] / res['step_s']:.1f}% of the step, "
           f"{res['matmul_flops'] / 1e9:.0f} GFLOP at {mm_rate:.1f} GFLOP/s = {100 * mm_rate / peak:.1f}% of the matmul peak")
-    return dict(matmul_gflops=peak, profile=res)
+    return dict(cpu=cpu_model(), precision=precision, matmul_gflops=peak, profile=res)
 
 
 def main_sweep(args, model_dir: str) -> dict:
@@ -417,7 +476,7 @@ def main_sweep(args, model_dir: str) -> dict:
     for L in lengths:
         args.max_length = L  # TRL's collator truncates at max_length
         for name in SWEEP_CONFIGS:
-            res = run_config(args, name, model_dir, ["--_sweep_len", str(L)])
+            res = run_config(args, f"{name}@fp32", model_dir, ["--_sweep_len", str(L)])
             results[f"{name}@{L}"] = res
             print(f"T={L} {name:16s} peak RSS {res['peak_rss_gb']:.2f} GB (before the step {res['rss_before_steps_gb']:.2f} GB), "
                   f"step {res['step_times'][0]:.1f} s", flush=True)

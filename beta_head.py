@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
 
 
@@ -28,13 +27,64 @@ from safetensors.torch import load_file, save_file
 # pure functions of tensors
 
 
-CHUNK_TOKENS = 512  # positions per lm_head chunk: 512 x 151,936 fp32 logits = 311 MB transient
+LOGITS_BYTES = 320 << 20  # the fp32 logits one lm_head chunk may hold (512 positions x 151,936 tokens)
+CPU_LOGITS_BYTES = 32 << 20  # on CPU less: glibc's malloc keeps and reuses blocks up to 32 MB, while a
+#   larger one is mmap'ed afresh at every use, and there its page faults cost more than its math
 
 
-def _chunk_logps(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight, bias).float()  # fp32 before the normaliser: bf16 loses whole nats
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+def logits_budget(device: torch.device) -> int:
+    return CPU_LOGITS_BYTES if device.type == "cpu" else LOGITS_BYTES
+
+
+class _LMHeadLogps(torch.autograd.Function):
+    """log_softmax(h @ W^T + b)[target] for N positions, in fp32, without ever holding N x V logits.
+
+    The matmuls run in `dtype` (bf16 under autocast; the weight is cast once per step); the
+    normaliser is fp32. Forward walks over chunks of positions and keeps only each position's
+    log-sum-exp (N floats). Backward walks over chunks of the VOCABULARY instead: with the saved
+    normaliser, softmax(logits)[:, slice] = exp(logits[:, slice] - lse), so each slice of the weight
+    gradient is computed once, directly in its final fp32 place, and only the small (N, H) input
+    gradient is summed over slices. d out / d logits = onehot(target) - softmax(logits).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, dtype):
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)  # one cast, kept for backward
+        n = max(1, logits_budget(h.device) // (4 * weight.shape[0]))
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(out)
+        for i in range(0, h.shape[0], n):
+            logits = F.linear(h[i:i + n].to(dtype), w, b)
+            target_logit = logits.gather(-1, targets[i:i + n, None]).squeeze(-1).float()
+            out[i:i + n] = torch.log_softmax(logits, -1, dtype=torch.float32).gather(-1, targets[i:i + n, None]).squeeze(-1)
+            lse[i:i + n] = target_logit - out[i:i + n]
+        ctx.save_for_backward(h, w, b, targets, lse)
+        ctx.weight_dtype = weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, w, b, targets, lse = ctx.saved_tensors
+        dtype, (V, H), N = w.dtype, w.shape, h.shape[0]
+        hd, g = h.to(dtype), grad_out[:, None]
+        grad_h = torch.zeros(N, H, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty(V, H, dtype=ctx.weight_dtype, device=h.device) if ctx.needs_input_grad[1] else None
+        grad_b = torch.empty(V, dtype=ctx.weight_dtype, device=h.device) if b is not None and ctx.needs_input_grad[2] else None
+        vc = max(1, logits_budget(h.device) // (4 * max(N, 1)))
+        rows = torch.arange(N, device=h.device)
+        for j in range(0, V, vc):
+            logits = F.linear(hd, w[j:j + vc], None if b is None else b[j:j + vc])  # (N, vc)
+            grad_logits = (logits.float() - lse[:, None]).exp_().mul_(-g)
+            hit = (targets >= j) & (targets < j + vc)  # the target's own column gets + g
+            grad_logits[rows[hit], targets[hit] - j] += grad_out[hit]
+            grad_logits = grad_logits.to(dtype)
+            if grad_h is not None:
+                grad_h += grad_logits @ w[j:j + vc]
+            if grad_w is not None:
+                grad_w[j:j + vc] = grad_logits.T @ hd
+            if grad_b is not None:
+                grad_b[j:j + vc] = grad_logits.sum(0)
+        return None if grad_h is None else grad_h.to(h.dtype), grad_w, grad_b, None, None
 
 
 def token_logps(hidden: torch.Tensor, lm_head: nn.Linear, input_ids: torch.Tensor,
@@ -44,20 +94,17 @@ def token_logps(hidden: torch.Tensor, lm_head: nn.Linear, input_ids: torch.Tenso
 
     Entry t is log p(input_ids[t+1] | input_ids[:t+1]) = log_softmax(lm_head(hidden[t]))[input_ids[t+1]].
     The [B, T, V] logits are never materialised: the needed positions go through lm_head in
-    chunks of CHUNK_TOKENS, and under autograd each chunk's logits are recomputed in backward
-    instead of stored, so memory grows with B*T*H, not B*T*V.
+    chunks (_LMHeadLogps), in the autocast dtype when autocast is on, and each
+    chunk's logits are recomputed in backward instead of stored, so memory grows with B*T*H,
+    not B*T*V.
     """
     h = hidden[:, :-1][needed]
     targets = input_ids[:, 1:][needed]
-    track = torch.is_grad_enabled() and (h.requires_grad or lm_head.weight.requires_grad)
-    parts = []
-    for i in range(0, h.shape[0], CHUNK_TOKENS):
-        args = (h[i:i + CHUNK_TOKENS], lm_head.weight, lm_head.bias, targets[i:i + CHUNK_TOKENS])
-        parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if track else _chunk_logps(*args))
-    out = torch.zeros(needed.shape, dtype=torch.float32, device=hidden.device)
-    if parts:
-        out = out.masked_scatter(needed, torch.cat(parts))
-    return out
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    with torch.autocast(device, enabled=False):  # the dtypes are chosen explicitly above
+        logps = _LMHeadLogps.apply(h, lm_head.weight, lm_head.bias, targets, dtype)
+    return torch.zeros(needed.shape, dtype=torch.float32, device=hidden.device).masked_scatter(needed, logps)
 
 
 def masked_ppl(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, summarize
 from data import DataError, build_examples, collate, eval_batches, load_rows, load_splits
-from model_loader import frozen_copy, is_lora_checkpoint, load_policy, load_tokenizer, make_accelerator
+from model_loader import (autocast_dtype, frozen_copy, is_lora_checkpoint, load_policy, load_tokenizer,
+                          make_accelerator)
 
 
 @torch.no_grad()
@@ -139,7 +140,7 @@ def main(argv=None):
         from peft import PeftModel
         policy, reference = PeftModel.from_pretrained(base, args.ckpt), None
     else:
-        policy, reference = load_policy(args.ckpt), frozen_copy(base).to(accelerator.device)
+        policy, reference = load_policy(args.ckpt), frozen_copy(base, autocast_dtype(accelerator)).to(accelerator.device)
     head = BetaHead.from_pretrained(args.ckpt) if cfg["beta_mode"] == "learnable" else None
     beta_dpo = BetaDPO.from_pretrained(args.ckpt) if cfg["beta_mode"] == "beta_dpo" else None  # its M0
     model = DynamicBetaDPOModel(policy, head, reference, beta=cfg["beta"], beta_min=cfg["beta_min"],

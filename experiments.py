@@ -60,7 +60,15 @@ EXPERIMENTS = {
            "--max_steps", "24", "--max_train_examples", "192", "--max_eval_examples", "100", "--policy_lr", "1e-5",
            "--beta", "0.1", "--warmup_ratio", "0.1", "--log_every_steps", "2", "--eval_every_steps", "0",
            "--save_every_steps", "12", "--save_total_limit", "1", "--eval_batch_size", "8", "--precompute_ref"],
+    # bf16 against fp32: does autocast train like fp32? 100 steps of 4 pairs, held-out eval every 20
+    "bf16": ["--model_name_or_path", "smollm2-135m-instruct", "--eval_fraction", "0.1", "--split_seed", "0",
+             "--max_length", "128", "--max_prompt_length", "96", "--batch_size", "4", "--max_steps", "100",
+             "--max_train_examples", "400", "--max_eval_examples", "100", "--policy_lr", "3e-5", "--beta", "0.1",
+             "--warmup_ratio", "0.1", "--log_every_steps", "5", "--eval_every_steps", "20", "--save_every_steps", "50",
+             "--save_total_limit", "1", "--eval_batch_size", "8", "--precompute_ref"],
 }
+# the bf16 experiment's modes: fixed and learnable, each in both precisions
+PRECISION_MODES = {f"{m}@{p}": MODES[m] + ["--precision", p] for m in ("fixed", "learnable") for p in ("fp32", "bf16")}
 # E2: a controlled gold reward (the DPO paper's sentiment experiment, with the vaderSentiment
 # lexicon as the reward). Prompts are written here: each subject under each framing; the last
 # E2_HELDOUT subjects are never trained on and are the prompts the trained policies are scored on.
@@ -126,7 +134,7 @@ def run(exp: str, modes: list[str], seeds: list[int], data: str, extra: list[str
                 print(f"[{exp}] {name}: done, skipped")
                 continue
             run_dir = os.path.join(runs_dir, exp, name)
-            flags = ["--dataset", data, *EXPERIMENTS[exp], *MODES[mode], *extra, "--seed", str(seed)]
+            flags = ["--dataset", data, *EXPERIMENTS[exp], *{**MODES, **PRECISION_MODES}[mode], *extra, "--seed", str(seed)]
             print(f"[{exp}] {name}: training ({run_dir}/train.log)", flush=True)
             t0 = time.time()
             curves = train_run(run_dir, flags)
@@ -517,12 +525,67 @@ def report_e2(results_dir: str) -> None:
     print(f"wrote {results_dir}/e2.md and {fig_dir}/e2_frontier.png")
 
 
+def report_bf16(results_dir: str) -> None:
+    """bf16 autocast against fp32: learning curves (figure) and final held-out metrics, with the
+    precision difference (same seed, same data order) next to the seed-to-seed difference."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "bf16", "*.json")))]
+    if not results:
+        sys.exit(f"error: no results in {results_dir}/bf16; run `python experiments.py run bf16` first")
+    get = lambda mode, prec: sorted((r for r in results if r["mode"] == f"{mode}@{prec}"), key=lambda r: r["seed"])  # noqa: E731
+    keys = ("loss_beta0", "rewards/accuracies", "rewards_beta0/margins")
+    rows = ["# bf16: bf16 autocast against fp32\n",
+            f"Every run: `python train.py --dataset ../shared/data/hh-rlhf-harmless-base/pairs-2000.jsonl.gz "
+            f"{' '.join(EXPERIMENTS['bf16'])}` plus `--beta_mode fixed|learnable`, `--precision fp32|bf16` and "
+            "`--seed 0|1`. Final held-out metrics (100 pairs) per seed; 'precision Δ' is bf16 − fp32 at the same seed "
+            "(same data order and init), 'seed Δ' is seed 1 − seed 0 at the same precision: bf16 trains like fp32 "
+            "when the first is no larger than the second.\n",
+            "| mode | metric | fp32 (seeds) | bf16 (seeds) | precision Δ (per seed) | seed Δ fp32 | seed Δ bf16 | minutes fp32 / bf16 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for mode in ("fixed", "learnable"):
+        a, b = get(mode, "fp32"), get(mode, "bf16")
+        if not a or not b:
+            continue
+        for k in keys:
+            va, vb = [r["eval"][k] for r in a], [r["eval"][k] for r in b]
+            fmt = lambda xs: ", ".join(f"{x:.4f}" for x in xs)  # noqa: E731
+            d_prec = [y - x for x, y in zip(va, vb)]
+            d_seed = lambda xs: f"{xs[1] - xs[0]:+.4f}" if len(xs) > 1 else "–"  # noqa: E731
+            minutes = f"{sum(r['wall_s'] for r in a) / len(a) / 60:.1f} / {sum(r['wall_s'] for r in b) / len(b) / 60:.1f}"
+            rows.append(f"| {mode} | {k} | {fmt(va)} | {fmt(vb)} | {', '.join(f'{d:+.4f}' for d in d_prec)} | "
+                        f"{d_seed(va)} | {d_seed(vb)} | {minutes} |")
+        for prec, runs, color in (("fp32", a, "C0"), ("bf16", b, "C3")):
+            for r in runs:
+                style = dict(color=color, ls="-" if mode == "fixed" else "--", alpha=0.9 if r["seed"] == 0 else 0.5,
+                             label=f"{mode} {prec}" if r["seed"] == 0 else None)
+                tr, ev = curve(r, "train"), curve(r, "eval")
+                axes[0].plot([m["step"] for m in tr], [m["loss"] for m in tr], **style)
+                axes[1].plot([m["step"] for m in ev], [m["loss_beta0"] for m in ev], **style)
+                axes[2].plot([m["step"] for m in ev], [m["rewards/accuracies"] for m in ev], **style)
+    for ax, title in zip(axes, ("training loss (logged batches)", "held-out loss at beta0", "held-out reward accuracy")):
+        ax.set(xlabel="step", title=title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("bf16 autocast vs fp32 (SmolLM2-135M, HH-RLHF; solid fixed, dashed learnable; faint: seed 1)")
+    fig.tight_layout()
+    fig_dir = os.path.join(results_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    fig.savefig(os.path.join(fig_dir, "bf16_curves.png"), dpi=110)
+    write_text(os.path.join(results_dir, "bf16.md"), "\n".join(rows) + "\n")
+    splice(results_dir, "bf16", "\n".join(rows[1:]))
+    print("\n".join(rows))
+    print(f"wrote {results_dir}/bf16.md and {fig_dir}/bf16_curves.png")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "report", "data"],
                    help="run experiments, rebuild tables and figures, or write E1's data statistics")
-    p.add_argument("experiment", nargs="?", default="e1", choices=["e1", "e2"], help="which experiment")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="beta modes to run")
+    p.add_argument("experiment", nargs="?", default="e1", choices=["e1", "e2", "bf16"], help="which experiment")
+    p.add_argument("--modes", nargs="+", default=None, choices=list(MODES) + list(PRECISION_MODES),
+                   help="beta modes to run (default: all of the experiment's: MODES, or PRECISION_MODES for bf16)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (e1)")
     p.add_argument("--betas", nargs="+", type=float, default=E2_BETAS, help="beta0 sweep (e2)")
     p.add_argument("--e2_model", default="smollm2-135m-instruct",
@@ -535,6 +598,7 @@ if __name__ == "__main__":
                         "run's result file exists; a SmolLM2 run writes ~2 GB)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every run (last)")
     args = p.parse_args()
+    args.modes = args.modes or list(PRECISION_MODES if args.experiment == "bf16" else MODES)
     if args.command == "data":
         data_stats(args.data, args.results_dir)
     elif args.command == "run" and args.experiment == "e2":
@@ -544,5 +608,7 @@ if __name__ == "__main__":
             args.keep_checkpoints)
     elif args.experiment == "e2":
         report_e2(args.results_dir)
+    elif args.experiment == "bf16":
+        report_bf16(args.results_dir)
     else:
         report(args.experiment, args.results_dir)

@@ -42,7 +42,8 @@ from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, summarize
 from data import (THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, eval_batches,
                   load_splits)
 from evaluate import eval_metrics, run_eval, write_eval
-from model_loader import DEFAULT_MODEL, add_lora, frozen_copy, load_policy, load_tokenizer, make_accelerator
+from model_loader import (DEFAULT_MODEL, add_lora, autocast_dtype, frozen_copy, load_policy, load_tokenizer,
+                          make_accelerator)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -480,9 +481,10 @@ def main(argv=None):
     if args.lora_r:
         policy, reference = add_lora(base, args.lora_r, args.lora_alpha, args.lora_target_modules, resume), None
     else:
-        # the reference keeps fp32 weights and runs under the same autocast as the policy, so that
-        # policy and reference give identical log-probs at step 0 (a bf16 copy would not)
-        reference = frozen_copy(base).to(accelerator.device)
+        # the reference runs under the same autocast as the policy; under bf16 its Linear layers are
+        # stored in bf16 (what autocast computes them in), so policy and reference still give
+        # identical log-probs at step 0
+        reference = frozen_copy(base, autocast_dtype(accelerator)).to(accelerator.device)
         policy = load_policy(resume) if resume else base
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -389,11 +389,13 @@ def test_calibration_targets_the_clamped_beta_that_training_uses():
     assert head(h, ppl).clamp(0.01, 0.3).mean().item() == pytest.approx(0.1, rel=1e-4)
 
 
-def test_chunked_logps_equal_plain_values_and_gradients(monkeypatch):
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_logps_equal_plain_values_and_gradients(monkeypatch, bias):
+    """Forward in chunks of 3 positions, backward in vocabulary slices of 21, 21 and 8 tokens."""
     import beta_head
-    monkeypatch.setattr(beta_head, "CHUNK_TOKENS", 3)  # several chunks, one of them partial
+    monkeypatch.setattr(beta_head, "CPU_LOGITS_BYTES", 3 * 4 * 50)  # several chunks, some partial
     torch.manual_seed(0)
-    head = torch.nn.Linear(8, 50, bias=False)
+    head = torch.nn.Linear(8, 50, bias=bias)
     hidden = torch.randn(2, 6, 8, requires_grad=True)
     ids = torch.randint(0, 50, (2, 6))
     needed = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
@@ -403,8 +405,9 @@ def test_chunked_logps_equal_plain_values_and_gradients(monkeypatch):
     assert torch.allclose(lp, plain, atol=1e-6)
     assert (lp[~needed] == 0).all()
     w = torch.randn(2, 5)
-    g_chunked = torch.autograd.grad((lp * w).sum(), (hidden, head.weight))
-    g_plain = torch.autograd.grad((plain * w).sum(), (hidden, head.weight))
+    params = (hidden, head.weight) + ((head.bias,) if bias else ())
+    g_chunked = torch.autograd.grad((lp * w).sum(), params)
+    g_plain = torch.autograd.grad((plain * w).sum(), params)
     for a, b in zip(g_chunked, g_plain):
         assert torch.allclose(a, b, atol=1e-6)
 

@@ -42,7 +42,30 @@ def test_reference_is_frozen(tiny_qwen2_dir):
     with torch.no_grad():
         next(policy.parameters()).add_(1.0)
     assert not torch.equal(next(policy.parameters()), next(ref.parameters()))  # a copy, not shared
-    assert frozen_copy(policy, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_reference_computes_what_autocast_computes(tied):
+    """frozen_copy(policy, bf16) stores the Linear layers in bf16 (a tied lm_head as its own copy):
+    under bf16 autocast its log-probs equal the fp32 policy's exactly (autocast casts those
+    weights to bf16 anyway); norms and embeddings stay fp32."""
+    from conftest import small_qwen2
+    from beta_head import sequence_logps
+    policy = small_qwen2()
+    if tied:
+        policy.lm_head.weight = policy.model.embed_tokens.weight
+    ref = frozen_copy(policy, torch.bfloat16)
+    assert ref.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert ref.model.embed_tokens.weight.dtype == ref.model.norm.weight.dtype == torch.float32
+    assert ref.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+    mask, loss_mask = torch.ones_like(ids), torch.ones_like(ids)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = sequence_logps(policy, ids, mask, loss_mask), sequence_logps(ref, ids, mask, loss_mask)
+    assert torch.equal(a, b)
+    with torch.no_grad():  # without autocast the bf16 copy would differ: the test can tell them apart
+        assert not torch.equal(sequence_logps(policy, ids, mask, loss_mask),
+                               sequence_logps(frozen_copy(policy, torch.bfloat16).float(), ids, mask, loss_mask))
 
 
 def test_dropout_off_and_deterministic_forward(tiny_qwen2_dir):

@@ -4,6 +4,7 @@ Training-step benchmark: our fused DPO step against the seed's literal design an
     python bench.py                    # SmolLM2-135M-Instruct, 4 HH-RLHF pairs x <=256 tokens, fp32 and bf16, CPU
     python bench.py --memory_sweep     # peak RSS vs sequence length, tiny Qwen2 with the 151,936 vocabulary
     python bench.py --profile          # where one ours-learnable step spends its time
+    python bench.py --device cuda --arch ../shared/models/deepseek-r1-distill-qwen-1.5b   # the 1.5B target on a GPU
 
 Every config runs in its own process (so its peak RSS is its own), on the same model weights,
 the same pairs in the same order, batch shape, precision, seed and thread count; the configs run
@@ -34,7 +35,15 @@ each prompt counts once, otherwise twice; the % is of a 2048^3 matmul in the pre
 runs in, measured in the same run (the table records the CPU model and the bf16 / fp32 ratio:
 bf16 kernels differ by CPU, so ratios between machines do not compare). "real tokens/s" counts every config's tokens the conventional way (each prompt twice), so it
 compares configs on the same work.
-CPU only: peak memory is the process's peak RSS (ru_maxrss), which includes imports and the model.
+On CPU peak memory is the process's peak RSS (ru_maxrss), which includes imports and the model.
+
+--device cuda --arch DIR: the architecture in DIR/config.json with random weights (no download), the
+real DeepSeek-R1-Distill-Qwen tokenizer's ids, random token pairs of --max_length tokens (a quarter
+prompt), bf16 autocast, sdpa attention; peak memory is torch.cuda.max_memory_allocated and the % is
+MFU against --peak_tflops (model FLOPs: 6 N per policy token, 4 N with LoRA, + 2 N per reference
+token). Configs: ours-learnable, ours-learnable+cache, ours-lora (LoRA r 16 on every linear layer, the
+reference = adapters off) and, when trl and datasets import, trl-default and trl-default+cache.
+gpu_bench.sh runs it in one call of the device tool; on CPU with a tiny config it checks the script.
 
 --memory_sweep: one step of ours-learnable, seed and trl (each with a reference model), 2 pairs of
 random token ids (a quarter prompt) per length, on a random 2-layer Qwen2 with hidden size 64 and
@@ -56,12 +65,12 @@ import torch
 
 from beta_head import BetaHead, DynamicBetaDPOModel, dpo_loss, last_token_hidden, masked_ppl
 from data import build_examples, collate, load_rows, normalize_row
-from model_loader import build_tiny_qwen2, frozen_copy, load_policy, load_tokenizer
+from model_loader import add_lora, build_tiny_qwen2, frozen_copy, load_policy, load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 HH_PAIRS = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
 DEEPSEEK_TOKENIZER = os.path.join(ROOT, "..", "shared", "tokenizers", "deepseek-r1-distill-qwen")
-KINDS = ("ours-fixed", "ours-learnable", "ours-unshared", "seed", "trl", "trl-default")
+KINDS = ("ours-fixed", "ours-learnable", "ours-unshared", "ours-lora", "seed", "trl", "trl-default")
 CONFIGS = [f"{c}{s}" for s in ("", "+cache") for c in KINDS]
 DEFAULT_CONFIGS = [f"{c}{s}" for s in ("", "+cache") for c in ("ours-fixed", "ours-learnable", "trl", "trl-default")]
 SWEEP_CONFIGS = ["ours-learnable", "seed", "trl"]
@@ -87,6 +96,13 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="torch seed in every process (BetaHead init)")
     p.add_argument("--json", default="bench_results.json", help="write all results here")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the steps run")
+    p.add_argument("--arch", default=None,
+                   help="a directory with a config.json: that architecture with random weights and random token pairs of "
+                        "--max_length tokens, the real DeepSeek tokenizer (for GPU runs of the 1.5B target without weights)")
+    p.add_argument("--tokenizer", default=DEEPSEEK_TOKENIZER, help="--arch: the tokenizer whose ids (pad, eos) the pairs use")
+    p.add_argument("--peak_tflops", type=float, default=790.0,
+                   help="--device cuda: the GPU's dense bf16 peak for MFU (H200: ~790 measured; a matmul is also measured)")
     p.add_argument("--memory_sweep", action="store_true",
                    help="instead: peak RSS of one step at --sweep_lengths, batch 2 pairs, tiny Qwen2 with the real vocabulary")
     p.add_argument("--sweep_lengths", default="256,512,1024,2048", help="sequence lengths of --memory_sweep")
@@ -101,6 +117,10 @@ def get_args(argv=None) -> argparse.Namespace:
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         p.error(f"unknown --configs {sorted(unknown)}; choose from {CONFIGS}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    if args.arch and not os.path.exists(os.path.join(args.arch, "config.json")):
+        p.error(f"--arch {args.arch}: no config.json there")
     if not set(args.precision.split(",")) <= {"fp32", "bf16"}:
         p.error(f"--precision takes fp32, bf16 or fp32,bf16; got {args.precision!r}")
     return args
@@ -151,9 +171,10 @@ def seed_loss(policy, reference, head: BetaHead, batch: dict) -> torch.Tensor:
 def bench_pairs(args, tok) -> tuple[list[dict], list[dict]]:
     """(examples, text rows): the first (warmup + steps) x batch_size pairs, or synthetic ones."""
     n = (args.warmup_steps + args.steps) * args.batch_size
-    if args._sweep_len:  # random ids: a quarter prompt, the rest response, both ending where max length ends
+    length = args._sweep_len or (args.max_length if args.arch else 0)
+    if length:  # random ids: a quarter prompt, the rest response, both ending where max length ends
         g = torch.Generator().manual_seed(args.seed)
-        P, R = args._sweep_len // 4, args._sweep_len - args._sweep_len // 4 - 1
+        P, R = length // 4, length - length // 4 - 1
         rand = lambda k: torch.randint(1000, 100000, (k,), generator=g).tolist()  # noqa: E731
         examples = [dict(prompt_ids=rand(P), chosen_ids=rand(R) + [tok.eos_token_id],
                          rejected_ids=rand(R) + [tok.eos_token_id]) for _ in range(n)]
@@ -174,7 +195,7 @@ def setup_trl(args, policy, tok, examples, rows, cache: bool, tmp: str, n_steps:
 
     ours = {} if precision is None else dict(bf16=precision == "bf16", fp16=False, activation_checkpointing=False)
     config = DPOConfig(
-        output_dir=tmp, report_to=[], use_cpu=True, **ours, loss_type=["sigmoid"], beta=BETA, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        output_dir=tmp, report_to=[], use_cpu=args.device == "cpu", **ours, loss_type=["sigmoid"], beta=BETA, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused",  # TRL's default, = train.py's AdamW(fused=True)
         max_length=args.max_length, precompute_ref_log_probs=cache, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, max_steps=n_steps, train_sampling_strategy="sequential",
@@ -215,11 +236,13 @@ def worker(args) -> dict:
     torch.manual_seed(args.seed)
     name, precision = args._worker.split("@")
     kind, cache = name.removesuffix("+cache"), name.endswith("+cache")
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
-    tok = load_tokenizer(args._model_dir)
+    device = torch.device(args.device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+    tok = load_tokenizer(args.tokenizer if args.arch else args._model_dir)
     examples, rows = bench_pairs(args, tok)
-    batches = [collate(examples[i:i + args.batch_size], tok.pad_token_id) for i in range(0, len(examples), args.batch_size)]
-    policy = load_policy(args._model_dir)
+    batches = [{k: v.to(device) for k, v in collate(examples[i:i + args.batch_size], tok.pad_token_id).items()}
+               for i in range(0, len(examples), args.batch_size)]
+    policy = random_model(args.arch, device) if args.arch else load_policy(args._model_dir).to(device)
     result = dict(config=args._worker, precision=precision, pairs=len(examples), real_tokens=[int(b["attention_mask"].sum()) for b in batches],
                   prompt_tokens=[int(b["prompt_mask"][:args.batch_size].sum()) for b in batches])
 
@@ -230,10 +253,14 @@ def worker(args) -> dict:
             result["rss_before_steps_gb"] = current_rss_gb()
             train()
     else:
-        reference = frozen_copy(policy, torch.bfloat16 if precision == "bf16" else None)  # as train.py
-        head = BetaHead(policy.config.get_text_config().hidden_size) if kind != "ours-fixed" else None
+        if kind == "ours-lora":  # as train.py --lora_r 16: the reference is the policy with adapters off
+            policy, reference = add_lora(policy, 16, 16.0, "all-linear"), None
+        else:
+            reference = frozen_copy(policy, torch.bfloat16 if precision == "bf16" else None)  # as train.py
+        head = BetaHead(policy.config.get_text_config().hidden_size).to(device) if kind != "ours-fixed" else None
         # w is not calibrated to beta0 here: the value of beta does not change the cost of a step
         model = DynamicBetaDPOModel(policy, head, reference, beta=BETA, share_prompt=kind != "ours-unshared")
+        cuda = device.type == "cuda"
         if cache:  # reference log-probs once, before timing; then no reference model in memory
             for b in batches:
                 with autocast():
@@ -261,6 +288,8 @@ def worker(args) -> dict:
         for b in batches:
             t0 = time.perf_counter()
             step(b)
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
 
     assert len(times) == len(batches), f"{name}: timed {len(times)} of {len(batches)} steps"
@@ -268,8 +297,20 @@ def worker(args) -> dict:
     result.update(all_real_tokens=result["real_tokens"], real_tokens=result["real_tokens"][w:],
                   prompt_tokens=result["prompt_tokens"][w:], warmup_times=times[:w], step_times=times[w:],
                   peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                  n_params=sum(p.numel() for p in policy.parameters()))
+                  peak_cuda_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+                  n_params=sum(p.numel() for n, p in policy.named_parameters() if "lora_" not in n))
     return result
+
+
+def random_model(arch: str, device: torch.device):
+    """The architecture in arch/config.json with random fp32 weights (the master weights), built on
+    the device, sdpa attention, dropout off; seeded by the worker."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(arch, attn_implementation="sdpa")
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.train()
 
 
 def profile_step(step, batch) -> dict:
@@ -297,8 +338,11 @@ def current_rss_gb() -> float:
 
 def run_config(args, name: str, model_dir: str, extra: list[str] = ()) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--_worker", name, "--_model_dir", model_dir]
-    for flag in ("data", "batch_size", "max_length", "max_prompt_length", "warmup_steps", "steps", "threads", "seed"):
+    for flag in ("data", "batch_size", "max_length", "max_prompt_length", "warmup_steps", "steps", "threads", "seed",
+                 "device"):
         argv += [f"--{flag}", str(getattr(args, flag))]
+    if args.arch:
+        argv += ["--arch", args.arch, "--tokenizer", args.tokenizer]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1",
                TRANSFORMERS_VERBOSITY="error", HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(argv + list(extra), stdout=subprocess.PIPE, env=env, text=True, cwd=ROOT)
@@ -307,21 +351,25 @@ def run_config(args, name: str, model_dir: str, extra: list[str] = ()) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def matmul_gflops(threads: int, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10) -> float:
+def matmul_gflops(threads: int, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 10,
+                  device: str = "cpu") -> float:
     """Median GFLOP/s of an n x n @ n x n matmul in dtype: this machine's practical peak."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     times = []
     for i in range(repeats + 2):
         t0 = time.perf_counter()
         a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
-def peaks(threads: int) -> dict[str, float]:
-    return {"fp32": matmul_gflops(threads), "bf16": matmul_gflops(threads, torch.bfloat16)}
+def peaks(threads: int, device: str = "cpu") -> dict[str, float]:
+    n = 8192 if device == "cuda" else 2048
+    return {"fp32": matmul_gflops(threads, n=n, device=device), "bf16": matmul_gflops(threads, torch.bfloat16, n=n, device=device)}
 
 
 def cpu_model() -> str:
@@ -331,7 +379,10 @@ def cpu_model() -> str:
 
 def prepare_model(args, tmp: str) -> str:
     """The weights and tokenizer as a plain fp32 safetensors directory, so that every worker loads
-    the same weights quickly and without a de-quantisation peak in its RSS."""
+    the same weights quickly and without a de-quantisation peak in its RSS (--arch: nothing to do,
+    every worker builds the random model itself)."""
+    if args.arch:
+        return args.arch
     if args.memory_sweep:
         if not os.path.isdir(DEEPSEEK_TOKENIZER):
             sys.exit(f"error: --memory_sweep needs the DeepSeek tokenizer at {DEEPSEEK_TOKENIZER}")
@@ -452,6 +503,46 @@ def main_bench(args, model_dir: str) -> dict:
                 summary=rows, runs=runs)
 
 
+ARCH_CONFIGS = ["ours-learnable@bf16", "ours-learnable+cache@bf16", "ours-lora@bf16", "trl-default@default",
+                "trl-default+cache@default"]
+
+
+def main_arch(args, model_dir: str) -> dict:
+    """--arch: one pass over ARCH_CONFIGS (TRL's only when trl and datasets import): step time,
+    tokens/s, MFU and peak memory of each. Meant for --device cuda; on CPU (with a tiny config) it
+    checks the script before device time is spent on it."""
+    import importlib.util
+    names = [n for n in ARCH_CONFIGS if not n.startswith("trl") or
+             (importlib.util.find_spec("trl") and importlib.util.find_spec("datasets"))]
+    cuda = args.device == "cuda"
+    device_name, peak = (torch.cuda.get_device_name() if cuda else cpu_model()), peaks(args.threads, args.device)
+    print(f"{device_name}: {8192 if cuda else 2048}^3 matmul: bf16 {peak['bf16'] / 1e3:.0f} TFLOP/s, fp32 {peak['fp32'] / 1e3:.0f} TFLOP/s; "
+          f"MFU against {args.peak_tflops:.0f} TFLOP/s", flush=True)
+    rows = []
+    for name in names:
+        t0 = time.time()
+        r = run_config(args, name, model_dir)
+        N, tokens, step = r["n_params"], statistics.mean(r["real_tokens"]), statistics.median(r["step_times"])
+        shared = name.startswith("ours")
+        computed = tokens - statistics.mean(r["prompt_tokens"]) if shared else tokens
+        policy_flops = (4 if "lora" in name else 6) * N * computed  # LoRA: no weight gradients of the base
+        flops = policy_flops + (0 if "+cache" in name else 2 * N * computed)
+        memory = r["peak_cuda_gb"] if cuda else r["peak_rss_gb"]
+        rows.append(dict(config=name, step_s=step, tokens_per_s=tokens / step, mfu=flops / step / (args.peak_tflops * 1e12),
+                         peak_memory_gb=memory, runs=r))
+        print(f"{name:28s} {step:6.3f} s/step, {tokens / step:8.0f} real tokens/s, MFU {100 * rows[-1]['mfu']:.1f}%, "
+              f"peak {'CUDA memory' if cuda else 'RSS'} {memory:.1f} GB ({time.time() - t0:.0f} s wall)", flush=True)
+    print(f"\n{time.strftime('%Y-%m-%d')}, {device_name}, torch {torch.__version__}: {args.arch} with random weights, "
+          f"{args.batch_size} pairs x {args.max_length} tokens, bf16 autocast, {args.steps} measured steps\n")
+    print(f"| config | s/step | real tokens/s | MFU vs {args.peak_tflops:.0f} TFLOP/s | peak {'CUDA memory' if cuda else 'RSS'} GB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(f"| {row['config'].split('@')[0]} | {row['step_s']:.3f} | {row['tokens_per_s']:.0f} | "
+              f"{100 * row['mfu']:.1f}% | {row['peak_memory_gb']:.1f} |")
+    return dict(device=device_name, matmul_gflops=peak, summary=[{k: v for k, v in r.items() if k != "runs"} for r in rows],
+                runs={r["config"]: r["runs"] for r in rows})
+
+
 def main_profile(args, model_dir: str) -> dict:
     precision = args.precision.split(",")[-1]
     peak = peaks(args.threads)[precision]
@@ -480,12 +571,13 @@ def main_sweep(args, model_dir: str) -> dict:
             results[f"{name}@{L}"] = res
             print(f"T={L} {name:16s} peak RSS {res['peak_rss_gb']:.2f} GB (before the step {res['rss_before_steps_gb']:.2f} GB), "
                   f"step {res['step_times'][0]:.1f} s", flush=True)
-    print("\n| tokens per sequence | ours peak RSS GB | seed (full logits) GB | TRL GB | seed / ours | TRL / ours |")
+    print(f"\n{time.strftime('%Y-%m-%d')}, {cpu_model()}, fp32, {args.threads} threads, torch {torch.__version__}\n")
+    print("| tokens per sequence | ours peak RSS GB | seed (full logits) GB | TRL GB | seed / ours | TRL / ours |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for L in lengths:
         o, s, t = (results[f"{n}@{L}"]["peak_rss_gb"] for n in SWEEP_CONFIGS)
         print(f"| {L} | {o:.2f} | {s:.2f} | {t:.2f} | {s / o:.2f} | {t / o:.2f} |")
-    return dict(sweep=results)
+    return dict(cpu=cpu_model(), sweep=results)
 
 
 if __name__ == "__main__":
@@ -495,7 +587,8 @@ if __name__ == "__main__":
         sys.exit(0)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = prepare_model(args, tmp)
-        main = main_sweep if args.memory_sweep else main_profile if args.profile else main_bench
+        main = (main_sweep if args.memory_sweep else main_profile if args.profile else
+                main_arch if args.arch else main_bench)
         out = main(args, model_dir)
     with open(args.json, "w") as f:
         json.dump(dict(args=vars(args), **out), f, indent=1)

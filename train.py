@@ -15,7 +15,7 @@ Resume the newest complete checkpoint of a run:
     python train.py <same flags> --resume_from auto
 
 Writes runs/NAME/: config.json (these flags), data_report.json, metrics.jsonl, tb/ (TensorBoard),
-checkpoints/step_N/ and final/ (each: HF model + tokenizer, beta_head.safetensors,
+checkpoints/step_N/ and final/ (each: HF model + tokenizer, beta_head.safetensors or beta_dpo.json,
 trainer_state.pt, run_config.json, COMPLETED).
 """
 
@@ -497,8 +497,8 @@ def main(argv=None):
                             args.mlp_hidden_size, ppl_transform=args.ppl_transform)
     beta_dpo = None
     if args.beta_mode == "beta_dpo":  # its running statistics M0, sigma and draw count resume too
-        beta_dpo = BetaDPO.from_pretrained(resume) if resume else BetaDPO(args.beta_dpo_alpha, args.beta_dpo_rho,
-                                                                          seed=args.seed)
+        beta_dpo = BetaDPO.from_pretrained(resume) if resume else BetaDPO(seed=args.seed)
+        beta_dpo.alpha, beta_dpo.rho = args.beta_dpo_alpha, args.beta_dpo_rho  # like learning rates: this run's
     model = DynamicBetaDPOModel(policy, head, reference, args.beta, args.beta_min, args.beta_max,
                                 args.beta_reg, args.beta_grad_to_policy, beta_dpo,
                                 share_prompt=not args.no_prompt_sharing)

@@ -1,0 +1,33 @@
+"""bench.py's GPU script, checked on CPU before device time is spent on it: gpu_bench.sh with a tiny
+architecture runs every config (ours with the reference, with cached reference log-probs, with
+LoRA; TRL's defaults when trl is installed) and writes finite timings."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_bench_script_runs_on_cpu_with_a_tiny_architecture(tiny_qwen2_dir, deepseek_tokenizer_dir, tmp_path):
+    env = dict(os.environ, ARCH=tiny_qwen2_dir, TOKENIZER=deepseek_tokenizer_dir, DEVICE="cpu", MAX_LENGTH="48",
+               BATCH="2", STEPS="1", OUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    res = subprocess.run(["bash", "gpu_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.load(open(tmp_path / "bench_gpu.json"))
+    names = [row["config"].split("@")[0] for row in out["summary"]]
+    expected = ["ours-learnable", "ours-learnable+cache", "ours-lora"]
+    try:
+        import datasets, trl  # noqa: F401, E401
+        expected += ["trl-default", "trl-default+cache"]
+    except ImportError:
+        pass
+    assert names == expected
+    for row in out["summary"]:
+        assert math.isfinite(row["step_s"]) and row["step_s"] > 0 and 0 < row["mfu"] < 1, row
+        assert row["peak_memory_gb"] > 0
+    assert "| ours-lora |" in open(tmp_path / "bench_gpu.log").read()

@@ -8,6 +8,8 @@ and against a known gold reward (E2).
     python experiments.py run e2                  # every (beta0, mode) of E2
     python experiments.py report e1               # tables, figures and report.md's blocks from results/ alone
     python experiments.py report e2
+    python experiments.py run bf16 --seeds 0 1    # fixed and learnable in fp32 and bf16 (100 steps each)
+    python experiments.py report bf16
 
 `run` trains each configuration with train.py in its own process (resuming an interrupted run
 with --resume_from auto; train.py evaluates the final policy into final/eval.json) and writes one
@@ -19,6 +21,11 @@ E1: SmolLM2-135M-Instruct on HH-RLHF harmless-base pairs (the 2,000 in ../shared
 pass --data with the same split downloaded from the hub): one fixed held-out split of 10%
 (--split_seed 0, first 100 pairs used), 24 steps of 8 pairs over the first 192 training pairs,
 the reference log-probs cached once and shared by all modes and seeds.
+
+bf16: does bf16 autocast train like fp32? SmolLM2-135M-Instruct on the same HH-RLHF split, 100 steps of
+4 pairs over the first 400 training pairs, held-out loss and accuracy every 20 steps, fixed and
+learnable beta in each precision (PRECISION_MODES); report bf16 sets the precision difference at
+one seed against the seed-to-seed difference.
 
 E2: the DPO paper's controlled sentiment experiment. Prompts written here; 4 samples per training
 prompt from the reference (--e2_model, default SmolLM2-135M-Instruct), scored by the VADER

@@ -250,6 +250,7 @@ def worker(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             train, times, result["trl_own_tokenisation"] = setup_trl(
                 args, policy, tok, examples, rows, cache, tmp, len(batches), None if kind == "trl-default" else precision)
+            result["precision"] = "bf16" if result["trl_own_tokenisation"]["bf16"] else "fp32"  # what TRL ran in
             result["rss_before_steps_gb"] = current_rss_gb()
             train()
     else:
@@ -402,8 +403,7 @@ def summarize(name: str, runs: list[dict], peak: dict[str, float]) -> dict:
     flops = [N * (6 * c + (0 if cache else 2 * c) + (2 * p if name.startswith("seed") else 0))
              for c, p in zip(computed, prompts)]
     gflops = statistics.median(f / t for f, t in zip(flops, times)) / 1e9
-    own = runs[0].get("trl_own_tokenisation") or {}
-    precision = "bf16" if own.get("bf16") else runs[0]["precision"] if not name.startswith("trl-default") else "fp32"
+    own, precision = runs[0].get("trl_own_tokenisation") or {}, runs[0]["precision"]
     return dict(config=name, precision=precision, checkpointing=bool(own.get("activation_checkpointing")),
                 median_step_s=statistics.median(times), steps_measured=len(times),
                 pairs_per_s=runs[0]["batch_size"] / statistics.median(times),

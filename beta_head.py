@@ -49,29 +49,30 @@ class _LMHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, dtype):
-        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)  # one cast, kept for backward
+        # one cast each of the inputs and the weight, kept for backward
+        hd, w, b = h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
         n = max(1, logits_budget(h.device) // (4 * weight.shape[0]))
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         lse = torch.empty_like(out)
         for i in range(0, h.shape[0], n):
-            logits = F.linear(h[i:i + n].to(dtype), w, b)
+            logits = F.linear(hd[i:i + n], w, b)
             target_logit = logits.gather(-1, targets[i:i + n, None]).squeeze(-1).float()
             out[i:i + n] = torch.log_softmax(logits, -1, dtype=torch.float32).gather(-1, targets[i:i + n, None]).squeeze(-1)
             lse[i:i + n] = target_logit - out[i:i + n]
-        ctx.save_for_backward(h, w, b, targets, lse)
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(hd, w, b, targets, lse)
+        ctx.h_dtype, ctx.weight_dtype = h.dtype, weight.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, w, b, targets, lse = ctx.saved_tensors
-        dtype, (V, H), N = w.dtype, w.shape, h.shape[0]
-        hd, g = h.to(dtype), grad_out[:, None]
-        grad_h = torch.zeros(N, H, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty(V, H, dtype=ctx.weight_dtype, device=h.device) if ctx.needs_input_grad[1] else None
-        grad_b = torch.empty(V, dtype=ctx.weight_dtype, device=h.device) if b is not None and ctx.needs_input_grad[2] else None
-        vc = max(1, logits_budget(h.device) // (4 * max(N, 1)))
-        rows = torch.arange(N, device=h.device)
+        hd, w, b, targets, lse = ctx.saved_tensors
+        dtype, (V, H), N, device = w.dtype, w.shape, hd.shape[0], hd.device
+        g = grad_out[:, None]
+        grad_h = torch.zeros(N, H, dtype=torch.float32, device=device) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty(V, H, dtype=ctx.weight_dtype, device=device) if ctx.needs_input_grad[1] else None
+        grad_b = torch.empty(V, dtype=ctx.weight_dtype, device=device) if b is not None and ctx.needs_input_grad[2] else None
+        vc = max(1, logits_budget(device) // (4 * max(N, 1)))
+        rows = torch.arange(N, device=device)
         for j in range(0, V, vc):
             logits = F.linear(hd, w[j:j + vc], None if b is None else b[j:j + vc])  # (N, vc)
             grad_logits = (logits.float() - lse[:, None]).exp_().mul_(-g)
@@ -84,7 +85,7 @@ class _LMHeadLogps(torch.autograd.Function):
                 grad_w[j:j + vc] = grad_logits.T @ hd
             if grad_b is not None:
                 grad_b[j:j + vc] = grad_logits.sum(0)
-        return None if grad_h is None else grad_h.to(h.dtype), grad_w, grad_b, None, None
+        return None if grad_h is None else grad_h.to(ctx.h_dtype), grad_w, grad_b, None, None
 
 
 def token_logps(hidden: torch.Tensor, lm_head: nn.Linear, input_ids: torch.Tensor,
@@ -215,9 +216,10 @@ class BetaHead(nn.Module):
         over these inputs equals target_mean. Unclamped, beta is linear in w: one step. With bounds
         the clamped mean still rises monotonically with w: bisection on log w."""
         self.log_w += math.log(target_mean) - self(context_embedding, ppl).mean().log()
-        per_w = self(context_embedding, ppl) / self.w
-        if per_w.min() * self.w >= beta_min and per_w.max() * self.w <= beta_max:
+        beta = self(context_embedding, ppl)
+        if beta.min() >= beta_min and beta.max() <= beta_max:
             return
+        per_w = beta / self.w
         lo, hi = self.log_w.item() - 30, self.log_w.item() + 30
         for _ in range(60):
             mid = (lo + hi) / 2

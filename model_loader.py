@@ -114,21 +114,21 @@ def is_lora_checkpoint(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, "adapter_config.json"))
 
 
-def frozen_copy(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """The reference: a copy in eval mode with no gradients. With autocast_dtype (the dtype the run
+def frozen_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The reference: a copy in eval mode with no gradients. With dtype (the dtype the run
     autocasts to, e.g. bf16) its Linear layers are stored in that dtype: autocast would cast them
     to it at every forward anyway, so the reference computes exactly the same numbers with half the
     memory and no per-step cast. Everything else (norms, embeddings) stays fp32, as autocast leaves
     it; an lm_head tied to the embedding gets its own bf16 copy (the reference never trains)."""
     ref = copy.deepcopy(model)
-    if autocast_dtype is not None:
+    if dtype is not None:
         embedding = ref.get_input_embeddings()
         tied = embedding.weight if embedding is not None else None
         for m in ref.modules():
             if isinstance(m, torch.nn.Linear):
                 if m.weight is tied:  # the embedding stays fp32; the lm_head gets its own copy
                     m.weight = torch.nn.Parameter(m.weight.detach().clone())
-                m.to(autocast_dtype)
+                m.to(dtype)
     ref.eval()
     ref.requires_grad_(False)
     return ref

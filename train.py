@@ -41,7 +41,7 @@ from tqdm import tqdm
 from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, summarize
 from data import (THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, eval_batches,
                   load_splits)
-from evaluate import eval_metrics, run_eval, write_eval
+from evaluate import eval_metrics, read_run_config, run_eval, write_eval
 from model_loader import (DEFAULT_MODEL, add_lora, autocast_dtype, frozen_copy, load_policy, load_tokenizer,
                           make_accelerator)
 
@@ -294,9 +294,8 @@ def check_resume(resume: str, args) -> None:
     """A checkpoint continues only the run it came from: same starting model, beta head, training
     rows and data order (RESUME_KEYS). Learning rates, betas, eps, weight decay and intervals may
     change on resume."""
-    with open(os.path.join(resume, "run_config.json")) as f:
-        # runs from before --ppl_transform / --think_prefill had the defaults
-        saved = {"ppl_transform": "ppl", "think_prefill": "close", **json.load(f)}
+    # runs from before --ppl_transform / --think_prefill had the defaults
+    saved = {"ppl_transform": "ppl", "think_prefill": "close", **read_run_config(resume)}
     for key in RESUME_KEYS:
         if saved.get(key) != getattr(args, key):
             raise DataError(f"checkpoint {resume} has {key}={saved.get(key)!r} but this run has "

@@ -63,9 +63,9 @@ import time
 
 import torch
 
-from beta_head import BetaHead, DynamicBetaDPOModel, dpo_loss, last_token_hidden, masked_ppl
+from beta_head import BetaHead, dpo_loss, last_token_hidden, masked_ppl
 from data import build_examples, collate, load_rows, normalize_row
-from model_loader import add_lora, build_tiny_qwen2, frozen_copy, load_policy, load_tokenizer
+from model_loader import build_model, build_tiny_qwen2, frozen_copy, load_policy, load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 HH_PAIRS = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
@@ -254,13 +254,15 @@ def worker(args) -> dict:
             result["rss_before_steps_gb"] = current_rss_gb()
             train()
     else:
-        if kind == "ours-lora":  # as train.py --lora_r 16: the reference is the policy with adapters off
-            policy, reference = add_lora(policy, 16, 16.0, "all-linear"), None
-        else:
-            reference = frozen_copy(policy, torch.bfloat16 if precision == "bf16" else None)  # as train.py
-        head = BetaHead(policy.config.get_text_config().hidden_size).to(device) if kind != "ours-fixed" else None
-        # w is not calibrated to beta0 here: the value of beta does not change the cost of a step
-        model = DynamicBetaDPOModel(policy, head, reference, beta=BETA, share_prompt=kind != "ours-unshared")
+        # as train.py builds it (the reference's Linear layers in bf16 under bf16; LoRA rank 16 for
+        # ours-lora, the reference then the policy with adapters off); w is not calibrated to beta0:
+        # the value of beta does not change the cost of a step
+        cfg = dict(beta_mode="fixed" if kind == "ours-fixed" else "learnable", beta=BETA, beta_min=0.0,
+                   beta_max=float("inf"), lora_r=16 if kind == "ours-lora" else 0, lora_alpha=16.0,
+                   lora_target_modules="all-linear", nn_structure="linear", epsilon=0.1, mlp_hidden_size=256,
+                   ppl_transform="ppl", no_prompt_sharing=kind == "ours-unshared")
+        model = build_model(cfg, device, torch.bfloat16 if precision == "bf16" else None, base=policy)
+        policy, reference, head = model.policy_model, model.reference_model, model.beta_head
         cuda = device.type == "cuda"
         if cache:  # reference log-probs once, before timing; then no reference model in memory
             for b in batches:
@@ -268,7 +270,8 @@ def worker(args) -> dict:
                     b["reference_logps"] = (seed_reference_logps(reference, b) if kind == "seed" else model.reference_logps(
                         b["input_ids"], b["attention_mask"], b["loss_mask"],
                         model.pair_layout(b["input_ids"], b["attention_mask"], b["prompt_mask"])))
-            model.__dict__["reference_model"] = reference = None
+            model.drop_reference()
+            reference = None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)  # as train.py
         result["rss_before_steps_gb"] = current_rss_gb()

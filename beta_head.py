@@ -25,6 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from data import collate, eval_batches
 
 
 # -----------------------------------------------------------------------------
@@ -177,6 +180,11 @@ def dpo_loss(
 # the beta head
 
 
+def ppl_scale(ppl: torch.Tensor, ppl_transform: str = "ppl") -> torch.Tensor:
+    """What beta scales with, (B,) fp32: the prompt PPL, or log PPL floored at 1e-3 ("log")."""
+    return ppl.float().log().clamp(min=1e-3) if ppl_transform == "log" else ppl.float()
+
+
 class BetaHead(nn.Module):
     """beta = w * ppl * (1 + epsilon * tanh(NN(context_embedding))).
 
@@ -226,8 +234,7 @@ class BetaHead(nn.Module):
         # always fp32, also inside a bf16 autocast region: bf16 would quantise f to ~25 levels
         with torch.autocast(context_embedding.device.type, enabled=False):
             f = 1 + self.epsilon * torch.tanh(self.nn(context_embedding.float()).squeeze(-1))
-            scale = ppl.float().log().clamp(min=1e-3) if self.ppl_transform == "log" else ppl.float()
-            return self.w * scale * f
+            return self.w * ppl_scale(ppl, self.ppl_transform) * f
 
     @torch.no_grad()
     def rescale_(self, context_embedding: torch.Tensor, ppl: torch.Tensor, target_mean: float,
@@ -393,6 +400,11 @@ class DynamicBetaDPOModel(nn.Module):
         self.beta_reg, self.beta_grad_to_policy = beta_reg, beta_grad_to_policy
         self.beta_dpo = beta_dpo
         self.share_prompt = share_prompt
+
+    def drop_reference(self) -> None:
+        """Free the reference model: from now on forward() needs reference_logps (a cache), or a
+        LoRA policy is its own reference."""
+        self.__dict__["reference_model"] = None
 
     # --- the spec's methods: the prompt on its own -------------------------------------------
 
@@ -641,6 +653,38 @@ def summarize(stats: dict[str, torch.Tensor], beta0: float, beta_min: float = 0.
         out.update({f"{name}/mean": v.mean(), f"{name}/std": v.std(unbiased=False),
                     f"{name}/min": v.min(), f"{name}/max": v.max()})
     return {k: float(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def run_eval(model: nn.Module, examples: list[dict], batch_size: int, accelerator, pad_token_id: int,
+             progress: bool = False) -> dict[str, torch.Tensor]:
+    """Per-example stats (N,) of model.forward over examples, gathered from all processes, in order.
+    model: a DynamicBetaDPOModel (or its DDP wrapper); accelerator: the run's accelerate.Accelerator."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    batches = list(eval_batches(examples, batch_size, accelerator.num_processes, accelerator.process_index))
+    for idx in tqdm(batches, desc="eval", disable=not (progress and accelerator.is_main_process)):
+        batch = collate([examples[i] for i in idx], pad_token_id)
+        _, stats = model(**{k: v.to(accelerator.device) for k, v in batch.items()})
+        parts.append({k: accelerator.gather(v) for k, v in stats.items()})
+    model.train(was_training)
+    # each gathered batch is the global batch idx[s:s+G] in order; drop the tail padding
+    return {k: torch.cat([p[k] for p in parts])[:len(examples)].cpu() for k in parts[0]}
+
+
+def eval_metrics(stats: dict[str, torch.Tensor], beta0: float, beta_min: float, beta_max: float,
+                 head: BetaHead | None = None) -> dict[str, float]:
+    """summarize() plus the drift of each response's log-ratio, the pair count and w."""
+    metrics = summarize(stats, beta0, beta_min, beta_max)
+    # KL(pi || ref) on the chosen responses is not observable from pairs; report the mean
+    # log-ratio of both responses as a drift measure instead.
+    metrics["logratio/chosen"] = float((stats["policy_chosen_logps"] - stats["reference_chosen_logps"]).mean())
+    metrics["logratio/rejected"] = float((stats["policy_rejected_logps"] - stats["reference_rejected_logps"]).mean())
+    metrics["pairs"] = len(stats["beta"])
+    if head is not None:
+        metrics["beta_head/w"] = head.w.item()
+    return metrics
 
 
 # -----------------------------------------------------------------------------

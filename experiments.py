@@ -39,7 +39,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -47,35 +46,62 @@ import time
 import torch
 from tqdm import tqdm
 
-from beta_head import sequence_logps
+from beta_head import ppl_scale, sequence_logps
 from data import build_examples, collate, load_splits
-from model_loader import load_policy, load_tokenizer
+from model_loader import drop_resume_state, is_complete, load_policy, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HH = os.path.join(os.path.dirname(HERE), "shared", "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
 
-# every mode shares the base flags; a mode adds its own
+# configurations are data: train.py flags as dicts (flag name -> value; True is a bare switch), turned
+# into a command line by flags(). Every mode shares its experiment's flags and adds its own.
 MODES = {
-    "fixed": ["--beta_mode", "fixed"],
-    "learnable": ["--beta_mode", "learnable"],
-    "learnable_logppl": ["--beta_mode", "learnable", "--ppl_transform", "log"],  # the stabiliser, see report.md
-    "beta_dpo": ["--beta_mode", "beta_dpo"],
+    "fixed": dict(beta_mode="fixed"),
+    "learnable": dict(beta_mode="learnable"),
+    "learnable_logppl": dict(beta_mode="learnable", ppl_transform="log"),  # the stabiliser, see report.md
+    "beta_dpo": dict(beta_mode="beta_dpo"),
 }
 EXPERIMENTS = {
-    "e1": ["--model_name_or_path", "smollm2-135m-instruct", "--eval_fraction", "0.1", "--split_seed", "0",
-           "--max_length", "128", "--max_prompt_length", "96", "--batch_size", "4", "--gradient_accumulation_steps", "2",
-           "--max_steps", "24", "--max_train_examples", "192", "--max_eval_examples", "100", "--policy_lr", "1e-5",
-           "--beta", "0.1", "--warmup_ratio", "0.1", "--log_every_steps", "2", "--eval_every_steps", "0",
-           "--save_every_steps", "12", "--save_total_limit", "1", "--eval_batch_size", "8", "--precompute_ref"],
+    "e1": dict(model_name_or_path="smollm2-135m-instruct", eval_fraction=0.1, split_seed=0, max_length=128,
+               max_prompt_length=96, batch_size=4, gradient_accumulation_steps=2, max_steps=24,
+               max_train_examples=192, max_eval_examples=100, policy_lr=1e-5, beta=0.1, warmup_ratio=0.1,
+               log_every_steps=2, eval_every_steps=0, save_every_steps=12, save_total_limit=1, eval_batch_size=8,
+               precompute_ref=True),
     # bf16 against fp32: does autocast train like fp32? 100 steps of 4 pairs, held-out eval every 20
-    "bf16": ["--model_name_or_path", "smollm2-135m-instruct", "--eval_fraction", "0.1", "--split_seed", "0",
-             "--max_length", "128", "--max_prompt_length", "96", "--batch_size", "4", "--max_steps", "100",
-             "--max_train_examples", "400", "--max_eval_examples", "100", "--policy_lr", "3e-5", "--beta", "0.1",
-             "--warmup_ratio", "0.1", "--log_every_steps", "5", "--eval_every_steps", "20", "--save_every_steps", "50",
-             "--save_total_limit", "1", "--eval_batch_size", "8", "--precompute_ref"],
+    "bf16": dict(model_name_or_path="smollm2-135m-instruct", eval_fraction=0.1, split_seed=0, max_length=128,
+                 max_prompt_length=96, batch_size=4, max_steps=100, max_train_examples=400, max_eval_examples=100,
+                 policy_lr=3e-5, beta=0.1, warmup_ratio=0.1, log_every_steps=5, eval_every_steps=20,
+                 save_every_steps=50, save_total_limit=1, eval_batch_size=8, precompute_ref=True),
 }
 # the bf16 experiment's modes: fixed and learnable, each in both precisions
-PRECISION_MODES = {f"{m}@{p}": MODES[m] + ["--precision", p] for m in ("fixed", "learnable") for p in ("fp32", "bf16")}
+PRECISION_MODES = {f"{m}@{p}": dict(MODES[m], precision=p) for m in ("fixed", "learnable") for p in ("fp32", "bf16")}
+
+
+def flags(config: dict) -> list[str]:
+    """train.py's command line for a configuration: --name value, True as a bare --name, False and
+    None left out."""
+    out = []
+    for name, value in config.items():
+        if value is True:
+            out.append(f"--{name}")
+        elif value is not False and value is not None:
+            out += [f"--{name}", str(value)]
+    return out
+
+
+def config_of(result: dict) -> dict:
+    """The train.py configuration a result was run with (results from before configurations were
+    stored as dicts hold only the command line: parsed here)."""
+    if "config" in result:
+        return result["config"]
+    config, argv = {}, result["flags"]
+    for i, a in enumerate(argv):
+        if a.startswith("--"):
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            config[a[2:]] = argv[i + 1] if has_value else True
+    return config
+
+
 # E2: a controlled gold reward (the DPO paper's sentiment experiment, with the vaderSentiment
 # lexicon as the reward). Prompts are written here: each subject under each framing; the last
 # E2_HELDOUT subjects are never trained on and are the prompts the trained policies are scored on.
@@ -92,10 +118,9 @@ E2_FRAMINGS = ["Write one sentence about {}.", "Describe {} in one sentence.", "
 E2_HELDOUT = 5
 E2_BETAS = [0.05, 0.1, 0.2, 0.5]
 E2_SAMPLES, E2_EVAL_SAMPLES, E2_NEW_TOKENS = 4, 4, 40
-E2_TRAIN = ["--eval_fraction", "0.1", "--split_seed", "0",
-            "--max_length", "112", "--max_prompt_length", "64", "--batch_size", "4", "--gradient_accumulation_steps", "2",
-            "--num_epochs", "1", "--policy_lr", "2e-5", "--warmup_ratio", "0.1", "--log_every_steps", "2",
-            "--eval_every_steps", "0", "--save_every_steps", "0", "--eval_batch_size", "16", "--precompute_ref"]
+E2_TRAIN = dict(eval_fraction=0.1, split_seed=0, max_length=112, max_prompt_length=64, batch_size=4,
+                gradient_accumulation_steps=2, num_epochs=1, policy_lr=2e-5, warmup_ratio=0.1, log_every_steps=2,
+                eval_every_steps=0, save_every_steps=0, eval_batch_size=16, precompute_ref=True)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -103,7 +128,7 @@ def train_run(run_dir: str, flags: list[str]) -> list[dict]:
     """Train one configuration into run_dir (resuming; skipped when final/ is complete) -> its curves."""
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "train.log"), "a") as log:
-        if not os.path.exists(os.path.join(run_dir, "final", "COMPLETED")):
+        if not is_complete(os.path.join(run_dir, "final")):
             subprocess.run([sys.executable, "train.py", *flags, "--output_dir", run_dir, "--resume_from", "auto"],
                            cwd=HERE, stdout=log, stderr=log, check=True)
         if not os.path.exists(os.path.join(run_dir, "final", "eval.json")):  # train.py writes it at the end
@@ -111,16 +136,6 @@ def train_run(run_dir: str, flags: list[str]) -> list[dict]:
                            cwd=HERE, stdout=log, stderr=log, check=True)
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     return [{k: v for k, v in m.items() if not k.startswith("lr/")} for m in lines]
-
-
-def prune(run_dir: str) -> None:
-    """Once a run's result file is written, drop what only resuming needed: the step checkpoints
-    and the final optimizer state (~1.5 GB of the ~2 GB a SmolLM2 run writes). final/ keeps the
-    policy, the BetaHead and eval.json."""
-    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
-    state = os.path.join(run_dir, "final", "trainer_state.pt")
-    if os.path.exists(state):
-        os.remove(state)
 
 
 def curve(result: dict, split: str) -> list[dict]:
@@ -141,17 +156,18 @@ def run(exp: str, modes: list[str], seeds: list[int], data: str, extra: list[str
                 print(f"[{exp}] {name}: done, skipped")
                 continue
             run_dir = os.path.join(runs_dir, exp, name)
-            flags = ["--dataset", data, *EXPERIMENTS[exp], *{**MODES, **PRECISION_MODES}[mode], *extra, "--seed", str(seed)]
+            config = dict(dataset=data, **EXPERIMENTS[exp], **{**MODES, **PRECISION_MODES}[mode], seed=seed)
+            argv = flags(config) + extra
             print(f"[{exp}] {name}: training ({run_dir}/train.log)", flush=True)
             t0 = time.time()
-            curves = train_run(run_dir, flags)
+            curves = train_run(run_dir, argv)
             with open(os.path.join(run_dir, "final", "eval.json")) as f:
                 ev = json.load(f)
-            out = dict(experiment=exp, mode=mode, seed=seed, flags=flags, wall_s=time.time() - t0,
+            out = dict(experiment=exp, mode=mode, seed=seed, config=config, flags=argv, wall_s=time.time() - t0,
                        eval=ev["metrics"], per_pair=ev["per_pair"], data_report=ev["data_report"], curves=curves)
             write_json(result, out)
             if not keep:
-                prune(run_dir)
+                drop_resume_state(run_dir)
             print(f"[{exp}] {name}: acc {out['eval']['rewards/accuracies']:.3f}, "
                   f"loss@beta0 {out['eval']['loss_beta0']:.4f}, {out['wall_s'] / 60:.1f} min", flush=True)
 
@@ -258,17 +274,18 @@ def run_e2(modes: list[str], betas: list[float], extra: list[str], results_dir: 
                 print(f"[e2] {name}: done, skipped")
                 continue
             run_dir = os.path.join(runs_dir, "e2", name)
-            flags = ["--dataset", pairs, "--model_name_or_path", model, *E2_TRAIN, "--beta", str(beta), *MODES[mode],
-                     *extra, "--seed", "0"]
+            config = dict(dataset=pairs, model_name_or_path=model, **E2_TRAIN, beta=beta, **MODES[mode], seed=0)
+            argv = flags(config) + extra
             print(f"[e2] {name}: training ({run_dir}/train.log)", flush=True)
             t0 = time.time()
-            curves = train_run(run_dir, flags)
+            curves = train_run(run_dir, argv)
             policy = load_policy(os.path.join(run_dir, "final")).eval()
             score = e2_score(policy, reference, tokenizer, seed=1)
-            write_json(result, dict(experiment="e2", mode=mode, beta=beta, flags=flags, wall_s=time.time() - t0, **score,
+            write_json(result, dict(experiment="e2", mode=mode, beta=beta, config=config, flags=argv,
+                                    wall_s=time.time() - t0, **score,
                                     curves=curves))
             if not keep:
-                prune(run_dir)
+                drop_resume_state(run_dir)
             print(f"[e2] {name}: reward {score['reward']:.3f}, KL {score['kl']:.2f}, {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
@@ -286,13 +303,13 @@ def write_json(path: str, obj) -> None:
 def data_stats(data: str, results_dir: str) -> None:
     """Sizes and token-length statistics of E1's data (untruncated, and what E1's limits cut)
     -> results/e1_data.json. Reads the data and the tokenizer only."""
-    flag = lambda name: EXPERIMENTS["e1"][EXPERIMENTS["e1"].index(name) + 1]
-    tokenizer = load_tokenizer(flag("--model_name_or_path"))
-    train, held = load_splits(data, "train", None, float(flag("--eval_fraction")), int(flag("--split_seed")))
+    e1 = EXPERIMENTS["e1"]
+    tokenizer = load_tokenizer(e1["model_name_or_path"])
+    train, held = load_splits(data, "train", None, e1["eval_fraction"], e1["split_seed"])
     out = dict(source=os.path.relpath(data, HERE) if os.path.exists(data) else data, rows=len(train) + len(held))
-    for name, rows in (("train", train[:int(flag("--max_train_examples"))]), ("eval", held[:int(flag("--max_eval_examples"))])):
+    for name, rows in (("train", train[:e1["max_train_examples"]]), ("eval", held[:e1["max_eval_examples"]])):
         full, _ = build_examples(rows, tokenizer, 10 ** 6, 10 ** 6 - 1, name=name)
-        _, cut = build_examples(rows, tokenizer, int(flag("--max_length")), int(flag("--max_prompt_length")), name=name)
+        _, cut = build_examples(rows, tokenizer, e1["max_length"], e1["max_prompt_length"], name=name)
         q = lambda xs: dict(zip(("p10", "median", "p90", "max"), [sorted(xs)[int(f * (len(xs) - 1))] for f in (0.1, 0.5, 0.9, 1.0)]))
         out[name] = dict(rows=len(rows), kept=cut["kept"], skipped=cut["skipped"], truncation=cut["truncation"],
                          prompt_tokens=q([len(e["prompt_ids"]) for e in full]),
@@ -328,9 +345,9 @@ def head_factor(result: dict) -> list[float]:
     """f(h) = beta / (w * PPL) (or w * log PPL) of each held-out pair of a learnable run, from the
     saved per-pair beta and PPL and the final w; pairs whose beta was clamped are left out."""
     p, w = result["per_pair"], result["eval"]["beta_head/w"]
-    log = "--ppl_transform" in result["flags"] and result["flags"][result["flags"].index("--ppl_transform") + 1] == "log"
+    scale = ppl_scale(torch.tensor(p["ppl"], dtype=torch.float64), config_of(result).get("ppl_transform", "ppl")).tolist()
     lo, hi = min(p["beta"]), max(p["beta"])  # clamped values sit exactly at the bounds
-    return [b / (w * (max(math.log(x), 1e-3) if log else x)) for b, x in zip(p["beta"], p["ppl"])
+    return [b / (w * s) for b, s in zip(p["beta"], scale)
             if not (result["eval"]["beta/clamped_frac"] > 0 and b in (lo, hi))]
 
 
@@ -347,14 +364,35 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def report(exp: str, results_dir: str) -> None:
+    """results/<exp>.md, its figures and report.md's blocks, from the result files alone."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(results_dir, exp, "*.json")))]
     if not results:
         sys.exit(f"no results in {results_dir}/{exp}/: run `python experiments.py run {exp}` first")
     modes = [m for m in MODES if any(r["mode"] == m for r in results)]
+    fig_dir = os.path.join(results_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    plot_curves(results, modes, os.path.join(fig_dir, f"{exp}_curves.png"))
+    rows = summary_rows(results, modes) + paired_difference_rows(results, modes)
+    if any(m.startswith("learnable") for m in modes):
+        plot_beta_scatter([r for r in results if r["mode"].startswith("learnable")], os.path.join(fig_dir, f"{exp}_beta.png"))
+        rows += beta_rows(results, modes, os.path.join(fig_dir, f"{exp}_beta_training.png"))
+    table = "\n".join(rows) + "\n"
+    with open(os.path.join(results_dir, f"{exp}.md"), "w") as f:
+        f.write(f"# {exp}: held-out metrics, mean ± 95% CI over seeds\n\n{table}")
+    splice(results_dir, exp, table)
+    data_path = os.path.join(results_dir, f"{exp}_data.json")
+    if os.path.exists(data_path):  # written by `experiments.py data`
+        splice(results_dir, f"{exp}_data", data_block(json.load(open(data_path))))
+    splice(results_dir, "training", training_block(exp, results, modes))
+    print(table)
+    print(f"wrote {results_dir}/{exp}.md and {fig_dir}/{exp}_*.png")
+
+
+def summary_rows(results: list[dict], modes: list[str]) -> list[str]:
+    """The held-out metrics table: mean ± 95% CI over seeds per mode."""
     keys = ["rewards/accuracies", "loss_beta0", "rewards_beta0/margins", "logratio/chosen", "logratio/rejected",
             "beta/mean", "beta/std", "beta/min", "beta/max", "beta/clamped_frac"]
     rows = ["| mode | seeds | " + " | ".join(keys) + " | minutes |", "|" + " --- |" * (len(keys) + 3)]
@@ -367,10 +405,29 @@ def report(exp: str, results_dir: str) -> None:
             m = 0.0 if abs(m) < 1e-6 else m  # a constant's float std, not a spread
             cells.append(f"{m:.4g}" + ("" if math.isnan(ci) else f" ± {ci:.2g}"))
         rows.append(f"| {mode} | {len(rs)} | " + " | ".join(cells) + " |")
-    fig_dir = os.path.join(results_dir, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
+    return rows
 
-    # training curves per mode (mean over seeds; each point is the batches since the last log)
+
+def paired_difference_rows(results: list[dict], modes: list[str]) -> list[str]:
+    """Differences to fixed beta, paired by seed (same data order and split)."""
+    fixed = {r["seed"]: r for r in results if r["mode"] == "fixed"}
+    if not fixed:
+        return []
+    rows = ["", "Difference to `fixed`, paired by seed (mean ± 95% CI; an interval containing 0 is no evidence of a difference):", "",
+            "| mode | seeds | Δ rewards/accuracies | Δ loss_beta0 | Δ rewards_beta0/margins |", "| --- | --- | --- | --- | --- |"]
+    for mode in modes[1:] if modes[0] == "fixed" else []:
+        rs = [r for r in results if r["mode"] == mode and r["seed"] in fixed]
+        cells = []
+        for k in ("rewards/accuracies", "loss_beta0", "rewards_beta0/margins"):
+            m, ci = mean_ci([r["eval"][k] - fixed[r["seed"]]["eval"][k] for r in rs])
+            cells.append(f"{m:+.4f}" + ("" if math.isnan(ci) else f" ± {ci:.4f}"))
+        rows.append(f"| {mode} | {len(rs)} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def plot_curves(results: list[dict], modes: list[str], path: str) -> None:
+    """Training curves per mode (mean over seeds; each point is the batches since the last log)."""
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for mode in modes:
         rs = [r for r in results if r["mode"] == mode]
@@ -382,101 +439,92 @@ def report(exp: str, results_dir: str) -> None:
             ax.set_xlabel("step")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(fig_dir, f"{exp}_curves.png"), dpi=110)
+    fig.savefig(path, dpi=110)
 
-    # beta analysis of the learnable runs: beta against prompt PPL and against the margin at beta0
-    learn = [r for r in results if r["mode"].startswith("learnable")]
-    if learn:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for r in learn:
-            p = r["per_pair"]
-            margin = margins(p)
-            label = f"{r['mode']} s{r['seed']}"
-            axes[0].scatter(p["ppl"], p["beta"], s=6, alpha=0.5, label=label)
-            axes[1].scatter(margin, p["beta"], s=6, alpha=0.5, label=label)
-        axes[0].set(xscale="log", xlabel="prompt PPL (policy)", ylabel="beta", title="beta vs PPL(x), held-out")
-        axes[1].set(xlabel="log-ratio margin", ylabel="beta", title="beta vs margin, held-out")
-        axes[1].axvline(0, color="grey", lw=0.5)
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(fig_dir, f"{exp}_beta.png"), dpi=110)
 
-    # differences to fixed beta, paired by seed (same data order and split)
-    fixed = {r["seed"]: r for r in results if r["mode"] == "fixed"}
-    rows += [] if not fixed else ["", "Difference to `fixed`, paired by seed (mean ± 95% CI; an interval containing 0 is no evidence of a difference):", "",
-             "| mode | seeds | Δ rewards/accuracies | Δ loss_beta0 | Δ rewards_beta0/margins |", "| --- | --- | --- | --- | --- |"]
-    for mode in modes[1:] if modes[0] == "fixed" else []:
-        rs = [r for r in results if r["mode"] == mode and r["seed"] in fixed]
-        cells = []
-        for k in ("rewards/accuracies", "loss_beta0", "rewards_beta0/margins"):
-            m, ci = mean_ci([r["eval"][k] - fixed[r["seed"]]["eval"][k] for r in rs])
-            cells.append(f"{m:+.4f}" + ("" if math.isnan(ci) else f" ± {ci:.4f}"))
-        rows.append(f"| {mode} | {len(rs)} | " + " | ".join(cells) + " |")
+def plot_beta_scatter(learn: list[dict], path: str) -> None:
+    """Held-out beta of the learnable runs against prompt PPL and against the margin."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in learn:
+        p = r["per_pair"]
+        label = f"{r['mode']} s{r['seed']}"
+        axes[0].scatter(p["ppl"], p["beta"], s=6, alpha=0.5, label=label)
+        axes[1].scatter(margins(p), p["beta"], s=6, alpha=0.5, label=label)
+    axes[0].set(xscale="log", xlabel="prompt PPL (policy)", ylabel="beta", title="beta vs PPL(x), held-out")
+    axes[1].set(xlabel="log-ratio margin", ylabel="beta", title="beta vs margin, held-out")
+    axes[1].axvline(0, color="grey", lw=0.5)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
-    # beta analysis: how beta, w and the NN moved in training; beta by the sign of the held-out margin
-    if learn:
-        rows += ["", "Beta in the learnable modes (mean over seeds): training batches at the first, middle and last "
-                 "logged step (mean [min, max]); held-out pairs split by the sign of the log-ratio margin; w and the "
-                 "NN's weight norm at the start and end.", "",
-                 "| mode | beta start | beta middle | beta end | held-out beta, margin > 0 | margin < 0 | w start → end | NN norm end | held-out f(h) mean [min, max] |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        fig, axes = plt.subplots(1, 4, figsize=(19, 4))
-        for mode in [m for m in modes if m.startswith("learnable")]:
-            rs = [r for r in results if r["mode"] == mode]
-            train = [curve(r, "train") for r in rs]
-            avg = lambda i, k: sum(t[i][k] for t in train) / len(train)
-            at = lambda i: f"{avg(i, 'beta/mean'):.3g} [{avg(i, 'beta/min'):.3g}, {avg(i, 'beta/max'):.3g}]"
-            n = min(len(t) for t in train)
-            pos, neg = [], []
-            for r in rs:
-                for b, m in zip(r["per_pair"]["beta"], margins(r["per_pair"])):
-                    (pos if m > 0 else neg).append(b)
-            mean = lambda xs: f"{sum(xs) / len(xs):.3g} (n={len(xs)})" if xs else "-"
-            f = [x for r in rs for x in head_factor(r)]
-            rows.append(f"| {mode} | {at(0)} | {at(n // 2)} | {at(n - 1)} | {mean(pos)} | {mean(neg)} | "
-                        f"{avg(0, 'beta_head/w'):.4g} → {avg(n - 1, 'beta_head/w'):.4g} | {avg(n - 1, 'beta_head/nn_weight_norm'):.3g} | "
-                        f"{sum(f) / len(f):.4f} [{min(f):.4f}, {max(f):.4f}] |")
-            steps = [t["step"] for t in train[0][:n]]
-            for ax, key in ((axes[0], "beta/mean"), (axes[2], "beta_head/nn_weight_norm"), (axes[3], "ppl/mean")):
-                ax.plot(steps, [avg(i, key) for i in range(n)], marker="o", label=mode)
-                ax.set(title=f"train {key} (mean over seeds)", xlabel="step")
-            axes[1].plot(steps, [avg(i, "beta_head/w") / avg(0, "beta_head/w") for i in range(n)], marker="o", label=mode)
-            axes[1].set(title="w / w at the first logged step (mean over seeds)", xlabel="step")
-            axes[0].fill_between(steps, [avg(i, "beta/min") for i in range(n)], [avg(i, "beta/max") for i in range(n)], alpha=0.15)
-        axes[0].legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(fig_dir, f"{exp}_beta_training.png"), dpi=110)
 
-    table = "\n".join(rows) + "\n"
-    with open(os.path.join(results_dir, f"{exp}.md"), "w") as f:
-        f.write(f"# {exp}: held-out metrics, mean ± 95% CI over seeds\n\n{table}")
-    splice(results_dir, exp, table)
-    data_path = os.path.join(results_dir, f"{exp}_data.json")
-    if os.path.exists(data_path):  # written by `experiments.py data`
-        d = json.load(open(data_path))
-        q = lambda x: "{p10} / {median} / {p90} / {max}".format(**x)
-        lines = [f"Source: `{d['source']}`, {d['rows']} pairs; the held-out split is a fixed 10% (`--split_seed 0`), "
-                 "the same for every mode and seed. Token counts with SmolLM2's chat template, before truncation "
-                 "(p10 / median / p90 / max):", "",
-                 "| split | rows used | kept | skipped | prompt tokens | chosen tokens | rejected tokens | truncated by the length limits |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name in ("train", "eval"):
-            x = d[name]
-            lines.append(f"| {name} | {x['rows']} | {x['kept']} | {x['skipped'] or 0} | {q(x['prompt_tokens'])} | "
-                         f"{q(x['chosen_tokens'])} | {q(x['rejected_tokens'])} | {x['truncation']} |")
-        splice(results_dir, f"{exp}_data", "\n".join(lines))
-    data = os.path.relpath(results[0]["flags"][1], HERE) if os.path.isabs(results[0]["flags"][1]) else results[0]["flags"][1]
-    lines = [f"Every {exp} run: `python train.py --dataset {data} {' '.join(EXPERIMENTS[exp])}` plus the mode's flags ("
-             + "; ".join(f"`{m}`: `{' '.join(MODES[m])}`" for m in MODES) + ") and `--seed 0|1|2`; train.py evaluates "
+def beta_rows(results: list[dict], modes: list[str], path: str) -> list[str]:
+    """How beta, w and the NN moved in training, and beta by the sign of the held-out margin (table
+    rows), with the training curves of beta, w, the NN norm and PPL as a figure at path."""
+    import matplotlib.pyplot as plt
+    rows = ["", "Beta in the learnable modes (mean over seeds): training batches at the first, middle and last "
+            "logged step (mean [min, max]); held-out pairs split by the sign of the log-ratio margin; w and the "
+            "NN's weight norm at the start and end.", "",
+            "| mode | beta start | beta middle | beta end | held-out beta, margin > 0 | margin < 0 | w start → end | NN norm end | held-out f(h) mean [min, max] |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
+    for mode in [m for m in modes if m.startswith("learnable")]:
+        rs = [r for r in results if r["mode"] == mode]
+        train = [curve(r, "train") for r in rs]
+        avg = lambda i, k: sum(t[i][k] for t in train) / len(train)  # noqa: E731
+        at = lambda i: f"{avg(i, 'beta/mean'):.3g} [{avg(i, 'beta/min'):.3g}, {avg(i, 'beta/max'):.3g}]"  # noqa: E731
+        n = min(len(t) for t in train)
+        pos, neg = [], []
+        for r in rs:
+            for b, m in zip(r["per_pair"]["beta"], margins(r["per_pair"])):
+                (pos if m > 0 else neg).append(b)
+        mean = lambda xs: f"{sum(xs) / len(xs):.3g} (n={len(xs)})" if xs else "-"  # noqa: E731
+        f = [x for r in rs for x in head_factor(r)]
+        rows.append(f"| {mode} | {at(0)} | {at(n // 2)} | {at(n - 1)} | {mean(pos)} | {mean(neg)} | "
+                    f"{avg(0, 'beta_head/w'):.4g} → {avg(n - 1, 'beta_head/w'):.4g} | {avg(n - 1, 'beta_head/nn_weight_norm'):.3g} | "
+                    f"{sum(f) / len(f):.4f} [{min(f):.4f}, {max(f):.4f}] |")
+        steps = [t["step"] for t in train[0][:n]]
+        for ax, key in ((axes[0], "beta/mean"), (axes[2], "beta_head/nn_weight_norm"), (axes[3], "ppl/mean")):
+            ax.plot(steps, [avg(i, key) for i in range(n)], marker="o", label=mode)
+            ax.set(title=f"train {key} (mean over seeds)", xlabel="step")
+        axes[1].plot(steps, [avg(i, "beta_head/w") / avg(0, "beta_head/w") for i in range(n)], marker="o", label=mode)
+        axes[1].set(title="w / w at the first logged step (mean over seeds)", xlabel="step")
+        axes[0].fill_between(steps, [avg(i, "beta/min") for i in range(n)], [avg(i, "beta/max") for i in range(n)], alpha=0.15)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return rows
+
+
+def data_block(d: dict) -> str:
+    """report.md's data table, from `experiments.py data`'s file."""
+    q = lambda x: "{p10} / {median} / {p90} / {max}".format(**x)  # noqa: E731
+    lines = [f"Source: `{d['source']}`, {d['rows']} pairs; the held-out split is a fixed 10% (`--split_seed 0`), "
+             "the same for every mode and seed. Token counts with SmolLM2's chat template, before truncation "
+             "(p10 / median / p90 / max):", "",
+             "| split | rows used | kept | skipped | prompt tokens | chosen tokens | rejected tokens | truncated by the length limits |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ("train", "eval"):
+        x = d[name]
+        lines.append(f"| {name} | {x['rows']} | {x['kept']} | {x['skipped'] or 0} | {q(x['prompt_tokens'])} | "
+                     f"{q(x['chosen_tokens'])} | {q(x['rejected_tokens'])} | {x['truncation']} |")
+    return "\n".join(lines)
+
+
+def training_block(exp: str, results: list[dict], modes: list[str]) -> str:
+    """report.md's training paragraph: the exact command of every run, and minutes per mode."""
+    data = config_of(results[0])["dataset"]
+    data = os.path.relpath(data, HERE) if os.path.isabs(data) else data
+    lines = [f"Every {exp} run: `python train.py --dataset {data} {' '.join(flags(EXPERIMENTS[exp]))}` plus the mode's flags ("
+             + "; ".join(f"`{m}`: `{' '.join(flags(MODES[m]))}`" for m in MODES) + ") and `--seed 0|1|2`; train.py evaluates "
              "the final policy on the held-out pairs (final/eval.json). AdamW (0.9, 0.999, eps 1e-8), no weight decay, "
              "gradient clipping at 1.0, cosine decay after 10% warmup, fp32, 1 process. The first run of the study "
              "(`fixed` seed 0) also built the reference log-prob cache that every other run reuses.", "",
              "| mode | minutes per run (mean over seeds, train + eval) |", "| --- | --- |"]
     for mode in modes:
         lines.append(f"| {mode} | {mean_ci([r['wall_s'] / 60 for r in results if r['mode'] == mode])[0]:.1f} |")
-    splice(results_dir, "training", "\n".join(lines))
-    print(table)
-    print(f"wrote {results_dir}/{exp}.md and {fig_dir}/{exp}_*.png")
+    return "\n".join(lines)
 
 
 def report_e2(results_dir: str) -> None:
@@ -493,11 +541,11 @@ def report_e2(results_dir: str) -> None:
     ref = json.load(open(ref_path))
     pairs = [json.loads(x) for x in open(os.path.join(out_dir, "pairs.jsonl"))]
     gap = sum(p["chosen_reward"] - p["rejected_reward"] for p in pairs) / max(1, len(pairs))
-    rows = [f"# e2: gold reward (VADER compound, held-out prompts) against KL(pi || pi_ref)\n",
+    rows = ["# e2: gold reward (VADER compound, held-out prompts) against KL(pi || pi_ref)\n",
             f"{len(pairs)} training pairs (best vs worst of {E2_SAMPLES} reference samples; mean gold-reward gap "
             f"{gap:.3f}); each trained policy scored on {results[0]['samples']} samples of the held-out prompts. "
             f"Reference policy: reward {ref['reward']:.3f} ± {ref['reward_se']:.3f} (s.e., {ref['samples']} samples). "
-            f"Every run: `python train.py --dataset results/e2/pairs.jsonl --model_name_or_path MODEL {' '.join(E2_TRAIN)} "
+            f"Every run: `python train.py --dataset results/e2/pairs.jsonl --model_name_or_path MODEL {' '.join(flags(E2_TRAIN))} "
             "--beta BETA0 --seed 0` plus the mode's flags (as in E1); the KL is estimated from the same samples "
             "as the reward, responses cut at 40 tokens; s.e. treats the samples as independent (4 per prompt).\n",
             "| mode | beta0 | reward ± s.e. | KL ± s.e. (nats) | reward gain / KL | train beta mean, first → last log | train prompt PPL mean, first → last | minutes |",
@@ -545,7 +593,7 @@ def report_bf16(results_dir: str) -> None:
     keys = ("loss_beta0", "rewards/accuracies", "rewards_beta0/margins")
     rows = ["# bf16: bf16 autocast against fp32\n",
             f"Every run: `python train.py --dataset ../shared/data/hh-rlhf-harmless-base/pairs-2000.jsonl.gz "
-            f"{' '.join(EXPERIMENTS['bf16'])}` plus `--beta_mode fixed|learnable`, `--precision fp32|bf16` and "
+            f"{' '.join(flags(EXPERIMENTS['bf16']))}` plus `--beta_mode fixed|learnable`, `--precision fp32|bf16` and "
             "`--seed 0|1`. Final held-out metrics (100 pairs) per seed; 'precision Δ' is bf16 − fp32 at the same seed "
             "(same data order and init), 'seed Δ' is seed 1 − seed 0 at the same precision: bf16 trains like fp32 "
             "when the first is no larger than the second.\n",

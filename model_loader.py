@@ -1,5 +1,5 @@
 """
-Loading policies, references and tokenizers.
+Loading policies, references and tokenizers; building the DPO model of a run; checkpoints.
 
 A model is named by a Hugging Face hub id (default deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B),
 a local directory, a directory plus `gguf_file`, or one of the offline names below:
@@ -12,15 +12,28 @@ benchmarks of the DeepSeek-R1-Distill-Qwen architecture without its weights.
 
 Policies are always loaded in fp32: these are the master weights. Mixed precision (bf16
 autocast) and the device are decided in one place, `make_accelerator`.
+
+`build_model` is the one place a DynamicBetaDPOModel is assembled (policy, reference, BetaHead or
+beta-DPO state), fresh from a run's flags or from a checkpoint; train.py, evaluate.py and bench.py
+all use it. A checkpoint's save and its load sit side by side below (`save_checkpoint`,
+`load_checkpoint`), with what a checkpoint directory holds.
 """
 
 import copy
+import hashlib
 import importlib.util
+import json
 import os
+import random
+import shutil
 
 import torch
 from accelerate import Accelerator
+from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel
+from data import DataError, collate, eval_batches
 
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 
@@ -97,12 +110,10 @@ def load_policy(name_or_path: str, gguf_file: str | None = None, trust_remote_co
     return model
 
 
-def add_lora(base, r: int, alpha: float, target_modules: str, adapter_dir: str | None = None):
-    """Wrap `base` with LoRA adapters (peft): new ones, or trainable ones loaded from adapter_dir.
-    The reference is then `base` itself with the adapters disabled, so no second copy exists."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    if adapter_dir is not None:
-        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+def add_lora(base, r: int, alpha: float, target_modules: str):
+    """Wrap `base` with new LoRA adapters (peft). The reference is then `base` itself with the
+    adapters disabled, so no second copy exists. (A checkpoint's adapters: load_checkpoint.)"""
+    from peft import LoraConfig, get_peft_model
     targets = target_modules if target_modules == "all-linear" else target_modules.split(",")
     if "lm_head" in targets:
         raise ValueError("--lora_target_modules must not include lm_head: log-probs read its base weight")
@@ -173,3 +184,242 @@ def build_tiny_qwen2(out_dir: str, tokenizer_dir: str, hidden_size: int = 64, nu
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+# -----------------------------------------------------------------------------
+# the DPO model of a run: built in one place
+
+
+def build_model(cfg: dict, device: torch.device, dtype: torch.dtype | None, ckpt: str | None = None,
+                training: bool = True, base: torch.nn.Module | None = None) -> DynamicBetaDPOModel:
+    """The DynamicBetaDPOModel of a run, on `device`.
+
+    cfg: the run's flags (vars(args) of train.py, or a checkpoint's run_config.json).
+    dtype: what the run autocasts to (None in fp32); the frozen reference's Linear layers are
+        stored in it, so policy and reference give identical log-probs at step 0.
+    ckpt: a checkpoint to continue (training=True) or to evaluate; None starts from cfg's model
+        with a new BetaHead (train.py calibrates its w) or new beta-DPO statistics.
+    base: the starting model when already loaded (bench.py's random weights); default cfg's model.
+    The reference is a frozen copy of the starting model or, for LoRA, the policy with its adapters
+    off. A run with --precompute_ref then replaces it by cached log-probs (add_reference_cache and
+    model.drop_reference()).
+    """
+    if base is None:
+        base = load_policy(cfg["model_name_or_path"], cfg["gguf_file"], cfg["trust_remote_code"])
+    lora = is_lora_checkpoint(ckpt) if ckpt else cfg.get("lora_r", 0) > 0
+    reference = None if lora else frozen_copy(base, dtype).to(device)
+    if ckpt:
+        policy, head, beta_dpo = load_checkpoint(ckpt, base, cfg["beta_mode"], training)
+    else:
+        policy = add_lora(base, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_target_modules"]) if lora else base
+        head = beta_dpo = None
+        if cfg["beta_mode"] == "learnable":
+            head = BetaHead(policy.config.get_text_config().hidden_size, cfg["nn_structure"], cfg["epsilon"],
+                            cfg["mlp_hidden_size"], ppl_transform=cfg["ppl_transform"])
+        elif cfg["beta_mode"] == "beta_dpo":
+            beta_dpo = BetaDPO(seed=cfg["seed"])
+    if beta_dpo is not None and "beta_dpo_alpha" in cfg:  # like learning rates: this run's, also on resume
+        beta_dpo.alpha, beta_dpo.rho = cfg["beta_dpo_alpha"], cfg["beta_dpo_rho"]
+    if training and cfg.get("gradient_checkpointing"):
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = DynamicBetaDPOModel(policy, head, reference, cfg["beta"], cfg["beta_min"], cfg["beta_max"],
+                                cfg.get("beta_reg", 0.0), cfg.get("beta_grad_to_policy", False), beta_dpo,
+                                share_prompt=not cfg.get("no_prompt_sharing", False))
+    return model.to(device)  # the policy and the head; the reference is already there
+
+
+def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], cache_dir: str, batch_size: int,
+                        accelerator: Accelerator, pad_token_id: int, model_name: str,
+                        gguf_file: str | None = None) -> None:
+    """Give every example its reference log-probs (reference_chosen_logps / _rejected_logps),
+    from a cache file in cache_dir keyed by the reference weights, the token ids (which fix data
+    and tokenisation) and the precision; computed in one pass when missing or not matching."""
+    ref = model.reference_model if model.reference_model is not None else model.policy_model
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
+    weights = [(n, p) for n, p in ref.named_parameters() if "lora_" not in n]  # the reference's own weights
+    fingerprint = "%.12e" % sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum()) for _, p in weights)
+    key = dict(model=model_name, gguf_file=gguf_file, weights=fingerprint, n_weights=len(weights),
+               precision=accelerator.mixed_precision, data=h.hexdigest(), pairs=len(examples))
+    path = os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".pt")
+    cached = None
+    if os.path.exists(path):
+        try:
+            cached = torch.load(path, weights_only=True)
+            if cached["key"] != key or len(cached["chosen"]) != len(examples):
+                raise ValueError("its key does not match")
+            accelerator.print(f"reference cache hit: {path}")
+        except Exception as e:  # corrupt or foreign file: never use it
+            accelerator.print(f"reference cache {path} is unusable ({e}); recomputing")
+            cached = None
+    if cached is None:
+        parts = []
+        batches = list(eval_batches(examples, batch_size, accelerator.num_processes, accelerator.process_index))
+        for idx in tqdm(batches, desc="reference log-probs", disable=not accelerator.is_main_process):
+            b = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_token_id).items()}
+            with accelerator.autocast():
+                parts.append(accelerator.gather(model.reference_logps(
+                    b["input_ids"], b["attention_mask"], b["loss_mask"],
+                    model.pair_layout(b["input_ids"], b["attention_mask"], b["prompt_mask"])).view(2, -1).T.contiguous()))
+        logps = torch.cat(parts)[:len(examples)].cpu()
+        cached = dict(key=key, chosen=logps[:, 0].contiguous(), rejected=logps[:, 1].contiguous())
+        if accelerator.is_main_process:
+            os.makedirs(cache_dir, exist_ok=True)
+            torch.save(cached, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        accelerator.print(f"reference cache written: {path} ({len(examples)} pairs)")
+    for e, c, r in zip(examples, cached["chosen"].tolist(), cached["rejected"].tolist()):
+        e["reference_chosen_logps"], e["reference_rejected_logps"] = c, r
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: save and load side by side
+#
+# A checkpoint directory (runs/NAME/checkpoints/step_N, runs/NAME/final) holds
+#   the policy        HF model (model.safetensors, config.json), or LoRA adapters (adapter_*)
+#   the tokenizer     its files, as the run used it
+#   the beta state    beta_head.safetensors (learnable) or beta_dpo.json (beta_dpo)
+#   TRAINER_STATE     optimizer, step, examples_seen, skipped_steps, num_processes, RNG states
+#   RUN_CONFIG        the run's flags
+#   COMPLETED         written last: a directory without it is never read
+
+TRAINER_STATE, RUN_CONFIG, COMPLETED = "trainer_state.pt", "run_config.json", "COMPLETED"
+
+
+def save_checkpoint(path: str, model: DynamicBetaDPOModel, tokenizer, config: dict, trainer_state: dict,
+                    policy_state: dict | None = None) -> None:
+    """Write a complete checkpoint at `path` atomically: everything goes to path.tmp, is fsynced,
+    and is renamed into place with a COMPLETED marker; an old `path` is replaced only then.
+    trainer_state: optimizer state dict and counters (the RNG states are added here).
+    policy_state: the policy's gathered weights when they are sharded (--fsdp)."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        # a copy: save_pretrained drops entries from the dict it is given
+        model.policy_model.save_pretrained(tmp, safe_serialization=True,
+                                           state_dict=None if policy_state is None else dict(policy_state))
+        tokenizer.save_pretrained(tmp)
+        if model.beta_head is not None:
+            model.beta_head.save_pretrained(tmp)
+        if model.beta_dpo is not None:
+            model.beta_dpo.save_pretrained(tmp)
+        rng = dict(python=random.getstate(), torch=torch.get_rng_state(),
+                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        torch.save(dict(trainer_state, rng=rng), os.path.join(tmp, TRAINER_STATE))
+        with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
+        open(os.path.join(tmp, COMPLETED), "w").close()
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
+        raise
+    old = path + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)  # make the rename itself durable
+    os.fsync(fd)
+    os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: str, base: torch.nn.Module, beta_mode: str, training: bool):
+    """The model parts save_checkpoint wrote -> (policy, BetaHead or None, BetaDPO or None).
+    A LoRA checkpoint's adapters go onto `base` (trainable when training); otherwise the policy
+    is the checkpoint's own full model."""
+    if is_lora_checkpoint(path):
+        from peft import PeftModel
+        policy = PeftModel.from_pretrained(base, path, is_trainable=training)
+    else:
+        policy = load_policy(path)
+    head = BetaHead.from_pretrained(path) if beta_mode == "learnable" else None
+    beta_dpo = BetaDPO.from_pretrained(path) if beta_mode == "beta_dpo" else None  # M0, sigma, draws
+    return policy, head, beta_dpo
+
+
+def load_trainer_state(path: str) -> dict:
+    """The optimizer state and counters save_checkpoint wrote; restores the RNG states it saved."""
+    state = torch.load(os.path.join(path, TRAINER_STATE), weights_only=True)
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+# what evaluate.py and a resumed run read from a checkpoint's run_config.json
+RUN_CONFIG_KEYS = ("model_name_or_path", "gguf_file", "trust_remote_code", "dataset", "split", "eval_split",
+                   "eval_fraction", "split_seed", "dataset_config", "dataset_data_dir", "max_eval_examples",
+                   "max_length", "max_prompt_length", "no_chat_template", "beta_mode", "beta", "beta_min", "beta_max")
+
+
+def read_run_config(ckpt: str) -> dict:
+    """The flags of the run that wrote checkpoint `ckpt`; DataError when they are missing or damaged."""
+    path = os.path.join(ckpt, RUN_CONFIG)
+    if not os.path.exists(path):
+        raise DataError(f"{ckpt} has no {RUN_CONFIG}; pass a checkpoint directory written by train.py "
+                        "(runs/NAME/final or runs/NAME/checkpoints/step_N)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+    missing = [k for k in RUN_CONFIG_KEYS if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise DataError(f"{path} lacks {missing}: not written by train.py, or damaged; restore it from the "
+                        "run's config.json")
+    # runs from before these flags had their defaults
+    return {"ppl_transform": "ppl", "think_prefill": "close", **cfg}
+
+
+def complete_checkpoints(run_dir: str) -> list[str]:
+    """Complete step checkpoints of a run, oldest first."""
+    d = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    steps = [n for n in os.listdir(d) if n.startswith("step_") and n[5:].isdigit()
+             and os.path.exists(os.path.join(d, n, COMPLETED))]
+    return [os.path.join(d, n) for n in sorted(steps, key=lambda n: int(n[5:]))]
+
+
+def is_complete(path: str) -> bool:
+    return os.path.exists(os.path.join(path, COMPLETED))
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints (keep=0: delete none)."""
+    if keep:
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+
+
+def drop_resume_state(run_dir: str) -> None:
+    """Delete what only resuming a run needs: its step checkpoints and final/'s trainer state.
+    final/ keeps the policy, the beta state and eval.json."""
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+    state = os.path.join(run_dir, "final", TRAINER_STATE)
+    if os.path.exists(state):
+        os.remove(state)
+
+
+def write_eval(ckpt: str, stats: dict[str, torch.Tensor], metrics: dict[str, float], data_report: dict,
+               title: str, args: dict) -> None:
+    """eval.json (metrics, per-pair beta / PPL / log-probs, data report, args) and eval.md in ckpt."""
+    md = f"# Evaluation of `{ckpt}`\n\n{title}\n\n" + markdown_table(metrics)
+    print(md)
+    per_pair = {k: [round(x, 6) for x in stats[k].tolist()] for k in ("beta", "ppl", "policy_chosen_logps",
+                "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")}
+    with open(os.path.join(ckpt, "eval.json"), "w") as f:
+        json.dump(dict(metrics=metrics, data_report=data_report, args=args, per_pair=per_pair), f, indent=2)
+    with open(os.path.join(ckpt, "eval.md"), "w") as f:
+        f.write(md)
+    print(f"wrote {os.path.join(ckpt, 'eval.json')} and eval.md")
+
+
+def markdown_table(metrics: dict[str, float]) -> str:
+    rows = ["| metric | value |", "| --- | --- |"]
+    rows += [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
+    return "\n".join(rows) + "\n"

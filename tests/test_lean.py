@@ -12,6 +12,8 @@ import evaluate
 import train
 from test_train import common
 
+pytestmark = pytest.mark.slow  # whole trainings
+
 
 def train_lines(run):
     return [json.loads(x) for x in open(run / "metrics.jsonl") if '"train"' in x]

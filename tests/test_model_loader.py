@@ -18,6 +18,7 @@ def smollm2():
     return load_policy("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct")
 
 
+@pytest.mark.slow
 def test_gguf_model_is_plain_fp32_trains_and_saves(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
     model, tok = smollm2

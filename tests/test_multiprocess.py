@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 import train
 from test_train import common
 
+pytestmark = pytest.mark.slow  # torchrun with 2 processes
+
 REPO = os.path.dirname(os.path.abspath(train.__file__))
 ARGS = ["--beta_mode", "learnable", "--max_steps", "4", "--log_every_steps", "1", "--save_every_steps", "2",
         "--save_total_limit", "0", "--beta_head_lr", "1e-2", "--eval_batch_size", "2"]

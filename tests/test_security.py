@@ -5,6 +5,8 @@ import ast
 import glob
 import os
 
+import pytest
+
 import train
 from model_loader import load_tokenizer
 
@@ -38,6 +40,7 @@ def test_no_shell_and_no_pickle():
         assert "import pickle" not in open(path).read(), path
 
 
+@pytest.mark.slow
 def test_checkpoint_weights_are_safetensors(tiny_qwen2_dir, tmp_path):
     out = tmp_path / "run"
     train.main(["--model_name_or_path", tiny_qwen2_dir, "--dataset", "demo", "--output_dir", str(out), "--max_steps", "1",

@@ -22,6 +22,7 @@ def common(model_dir, out, *extra):
             "--log_every_steps", "2", "--eval_every_steps", "0", "--seed", "1", *extra]
 
 
+@pytest.mark.slow
 def test_train_save_evaluate_round_trip(tiny_qwen2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
     out = tmp_path / "run"
@@ -66,6 +67,7 @@ def test_train_save_evaluate_round_trip(tiny_qwen2_dir, tmp_path):
         assert metrics[key] == pytest.approx(eval_line[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_w_is_calibrated_on_the_first_training_prompts(tiny_qwen2_dir, tmp_path):
     """With --calibration_pairs = one step's pairs, the first step's mean beta is exactly beta0
     (f(h) = 1 and the policy has not moved yet); with more pairs it is beta0 only on average."""
@@ -77,6 +79,7 @@ def test_w_is_calibrated_on_the_first_training_prompts(tiny_qwen2_dir, tmp_path)
     assert first_beta(tmp_path / "b", 16) != pytest.approx(0.2, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_qwen2_dir, tmp_path):
     """Stop at step 2, resume to step 4: parameters, BetaHead, optimizer state and the logged
     metrics equal those of an uninterrupted run, bit for bit."""
@@ -111,6 +114,7 @@ def test_resume_is_exact(tiny_qwen2_dir, tmp_path):
     assert logged(full, 4) == logged(part, 4)
 
 
+@pytest.mark.slow
 def test_fixed_mode_trains_and_evaluates(tiny_qwen2_dir, tmp_path):
     out = tmp_path / "fixed"
     train.main(common(tiny_qwen2_dir, out, "--max_steps", "2"))
@@ -134,6 +138,7 @@ def test_bad_flags_fail_before_loading(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_another_run(tiny_qwen2_dir, tmp_path):
     out = tmp_path / "run"
     os.makedirs(out)
@@ -142,6 +147,7 @@ def test_refuses_to_overwrite_another_run(tiny_qwen2_dir, tmp_path):
         train.main(common(tiny_qwen2_dir, out, "--max_steps", "1"))
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(tiny_qwen2_dir, tmp_path):
     import signal
     import subprocess
@@ -173,6 +179,7 @@ def test_lr_schedule():
     assert f(6, 10, 2, "linear") == pytest.approx(0.5) and f(9, 10, 0, "constant") == 1.0
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_trains_with_fp32_master_weights(tiny_qwen2_dir, tmp_path):
     import subprocess
     import sys
@@ -189,6 +196,7 @@ def test_bf16_autocast_on_cpu_trains_with_fp32_master_weights(tiny_qwen2_dir, tm
     assert all(v.dtype == torch.float32 for v in w.values())
 
 
+@pytest.mark.slow
 def test_resume_applies_new_learning_rate_and_refuses_new_data_order(tiny_qwen2_dir, tmp_path):
     out = tmp_path / "run"
     train.main(common(tiny_qwen2_dir, out, "--max_steps", "4", "--save_every_steps", "2", "--lr_scheduler", "constant",
@@ -201,6 +209,7 @@ def test_resume_applies_new_learning_rate_and_refuses_new_data_order(tiny_qwen2_
     assert {g["lr"] for g in state["optimizer"]["param_groups"]} == {1e-4}
 
 
+@pytest.mark.slow
 def test_beta_dpo_mode_trains_and_resumes_exactly(tiny_qwen2_dir, tmp_path):
     """rho 0.8 at batch 8 keeps 6 pairs per step: the filter's draws resume exactly, and a run whose
     optimizer state was pruned is still evaluable (M0 lives in beta_dpo.json beside the weights)."""
@@ -253,6 +262,7 @@ def test_resume_refuses_other_rows(group, tmp_path):
             train.check_resume(str(ckpt), train.get_args(changed))
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_saved(tiny_qwen2_dir, tmp_path):
     """A finite gradient with an absurd step (lr * weight decay overflows fp32) makes inf weights:
     the run stops with one line at that step and writes no checkpoint of them."""

@@ -384,11 +384,12 @@ class DynamicBetaDPOModel(nn.Module):
     def __init__(self, policy_model: nn.Module, beta_head: BetaHead | None = None,
                  reference_model: nn.Module | None = None, beta: float = 0.1,
                  beta_min: float = 0.0, beta_max: float = math.inf, beta_reg: float = 0.0,
-                 beta_grad_to_policy: bool = False, beta_dpo: BetaDPO | None = None,
-                 share_prompt: bool = True):
+                 beta_grad_to_policy: bool = False, beta_dpo: "BetaDPO | None" = None,
+                 share_prompt: bool = True, epsilon_dpo: "EpsilonDPO | None" = None, label_smoothing: float = 0.0):
         super().__init__()
-        if beta_dpo is not None and beta_head is not None:
-            raise ValueError("beta_dpo (batch-level beta) and a BetaHead (per-prompt beta) exclude each other")
+        if sum(x is not None for x in (beta_head, beta_dpo, epsilon_dpo)) > 1:
+            raise ValueError("a BetaHead (per-prompt beta), beta_dpo (batch-level beta) and epsilon_dpo (per-pair "
+                             "beta) exclude each other")
         if beta <= 0:
             raise ValueError(f"beta must be > 0; got {beta}")
         if not beta_min < beta_max:
@@ -398,8 +399,9 @@ class DynamicBetaDPOModel(nn.Module):
         self.__dict__["reference_model"] = reference_model  # not a submodule, see docstring
         self.beta, self.beta_min, self.beta_max = beta, beta_min, beta_max
         self.beta_reg, self.beta_grad_to_policy = beta_reg, beta_grad_to_policy
-        self.beta_dpo = beta_dpo
+        self.beta_dpo, self.epsilon_dpo = beta_dpo, epsilon_dpo
         self.share_prompt = share_prompt
+        self.label_smoothing = label_smoothing
 
     def drop_reference(self) -> None:
         """Free the reference model: from now on forward() needs reference_logps (a cache), or a
@@ -481,7 +483,13 @@ class DynamicBetaDPOModel(nn.Module):
         h = last_token_hidden(hidden[:B], prompt_mask[:B])
         beta, raw_beta = self.beta_from(ppl, h)
 
-        if reference_logps is None:
+        steps = None
+        if self.epsilon_dpo is not None:  # per-pair beta from the perturbed policies; the reference comes along
+            if reference_logps is not None:
+                raise ValueError("epsilon_dpo needs the reference model's logits, not cached reference log-probs")
+            raw_beta, steps, reference_logps = self.epsilon_dpo_beta(hidden, input_ids, attention_mask, loss_mask, pack)
+            beta = raw_beta.clamp(self.beta_min, self.beta_max)
+        elif reference_logps is None:
             reference_logps = self.reference_logps(input_ids, attention_mask, loss_mask, pack)
         weights = None
         if self.beta_dpo is not None:  # batch-level beta from the raw reward gaps
@@ -491,7 +499,8 @@ class DynamicBetaDPOModel(nn.Module):
             beta = raw_beta.clamp(self.beta_min, self.beta_max)
 
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            seq_logps[:B], seq_logps[B:], reference_logps[:B], reference_logps[B:], beta)
+            seq_logps[:B], seq_logps[B:], reference_logps[:B], reference_logps[B:], beta,
+            label_smoothing=self.label_smoothing)
         # beta-DPO: the mean over the kept pairs of this slice (none kept: 0, as in the authors' code)
         loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum().clamp(min=1)
         if self.beta_head is not None:
@@ -510,7 +519,32 @@ class DynamicBetaDPOModel(nn.Module):
             reference_rejected_logps=reference_logps[B:].detach(),
             beta=beta.detach(), raw_beta=raw_beta.detach(), ppl=ppl.detach(),
         )
+        if steps is not None:  # -1: beta went up for this pair, +1: down, 0: unchanged
+            stats["epsilon_steps"] = steps.float()
         return loss, stats
+
+    @torch.no_grad()
+    def epsilon_dpo_beta(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         loss_mask: torch.Tensor, pack: dict | None):
+        """ε-DPO's per-pair beta (Lee et al. 2025) from the policy's final hidden states (2B, T, H) of
+        this batch and the reference's, computed here -> (beta~ (B,), steps s (B,), reference
+        sequence log-probs (2B,)). One lm_head pass over the response tokens gives the policy under
+        beta/(1+eps), beta, beta/(1-eps) and the reference itself (lam = 0)."""
+        B = input_ids.shape[0] // 2
+        reference, head_model = self.reference_model, self.reference_model
+        if reference is None:  # LoRA: the policy with its adapters off
+            with self.policy_model.disable_adapter():
+                ref_hidden = run_model(self.policy_model, input_ids, attention_mask, pack)
+            head_model = self.policy_model
+        else:
+            ref_hidden = run_model(reference, input_ids, attention_mask, pack)
+        response = loss_mask[:, 1:].bool()
+        mixed = mixed_token_logps(hidden.detach(), self.policy_model.get_output_embeddings(), ref_hidden,
+                                  head_model.get_output_embeddings(), input_ids, response,
+                                  self.epsilon_dpo.coefs + (0.0,))
+        seq = (mixed * response).sum(-1)  # (4, 2B)
+        beta, steps = self.epsilon_dpo(seq[:3, :B], seq[:3, B:], self.training)
+        return beta, steps, seq[3]
 
 
 def run_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -648,6 +682,9 @@ def summarize(stats: dict[str, torch.Tensor], beta0: float, beta_min: float = 0.
         "logps/rejected": s["policy_rejected_logps"].mean(),
         "beta/clamped_frac": ((s["raw_beta"] < beta_min) | (s["raw_beta"] > beta_max)).float().mean(),
     }
+    if "epsilon_steps" in s:  # ε-DPO: the share of pairs whose beta went down (s = +1) and up (s = -1)
+        out["epsilon_dpo/down_frac"] = (s["epsilon_steps"] > 0).float().mean()
+        out["epsilon_dpo/up_frac"] = (s["epsilon_steps"] < 0).float().mean()
     for name in ("beta", "ppl"):
         v = s[name]
         out.update({f"{name}/mean": v.mean(), f"{name}/std": v.std(unbiased=False),

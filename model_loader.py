@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel
+from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, EpsilonDPO
 from data import DataError, collate, eval_batches
 
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -209,22 +209,25 @@ def build_model(cfg: dict, device: torch.device, dtype: torch.dtype | None, ckpt
     lora = is_lora_checkpoint(ckpt) if ckpt else cfg.get("lora_r", 0) > 0
     reference = None if lora else frozen_copy(base, dtype).to(device)
     if ckpt:
-        policy, head, beta_dpo = load_checkpoint(ckpt, base, cfg["beta_mode"], training)
+        policy, head, beta_dpo, epsilon_dpo = load_checkpoint(ckpt, base, cfg["beta_mode"], training)
     else:
         policy = add_lora(base, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_target_modules"]) if lora else base
-        head = beta_dpo = None
+        head = beta_dpo = epsilon_dpo = None
         if cfg["beta_mode"] == "learnable":
             head = BetaHead(policy.config.get_text_config().hidden_size, cfg["nn_structure"], cfg["epsilon"],
                             cfg["mlp_hidden_size"], ppl_transform=cfg["ppl_transform"])
         elif cfg["beta_mode"] == "beta_dpo":
             beta_dpo = BetaDPO(seed=cfg["seed"])
+        elif cfg["beta_mode"] == "epsilon_dpo":
+            epsilon_dpo = EpsilonDPO(beta=cfg["beta"], epsilon=cfg["epsilon_dpo_epsilon"])
     if beta_dpo is not None and "beta_dpo_alpha" in cfg:  # like learning rates: this run's, also on resume
         beta_dpo.alpha, beta_dpo.rho = cfg["beta_dpo_alpha"], cfg["beta_dpo_rho"]
     if training and cfg.get("gradient_checkpointing"):
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = DynamicBetaDPOModel(policy, head, reference, cfg["beta"], cfg["beta_min"], cfg["beta_max"],
                                 cfg.get("beta_reg", 0.0), cfg.get("beta_grad_to_policy", False), beta_dpo,
-                                share_prompt=not cfg.get("no_prompt_sharing", False))
+                                share_prompt=not cfg.get("no_prompt_sharing", False), epsilon_dpo=epsilon_dpo,
+                                label_smoothing=cfg.get("label_smoothing", 0.0))
     return model.to(device)  # the policy and the head; the reference is already there
 
 
@@ -279,7 +282,7 @@ def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], cache_
 # A checkpoint directory (runs/NAME/checkpoints/step_N, runs/NAME/final) holds
 #   the policy        HF model (model.safetensors, config.json), or LoRA adapters (adapter_*)
 #   the tokenizer     its files, as the run used it
-#   the beta state    beta_head.safetensors (learnable) or beta_dpo.json (beta_dpo)
+#   the beta state    beta_head.safetensors (learnable), beta_dpo.json (beta_dpo) or epsilon_dpo.json
 #   TRAINER_STATE     optimizer, step, examples_seen, skipped_steps, num_processes, RNG states
 #   RUN_CONFIG        the run's flags
 #   COMPLETED         written last: a directory without it is never read
@@ -302,8 +305,9 @@ def save_checkpoint(path: str, model: DynamicBetaDPOModel, tokenizer, config: di
         tokenizer.save_pretrained(tmp)
         if model.beta_head is not None:
             model.beta_head.save_pretrained(tmp)
-        if model.beta_dpo is not None:
-            model.beta_dpo.save_pretrained(tmp)
+        for state in (model.beta_dpo, model.epsilon_dpo):  # running statistics of the batch-level modes
+            if state is not None:
+                state.save_pretrained(tmp)
         rng = dict(python=random.getstate(), torch=torch.get_rng_state(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
         torch.save(dict(trainer_state, rng=rng), os.path.join(tmp, TRAINER_STATE))
@@ -327,7 +331,8 @@ def save_checkpoint(path: str, model: DynamicBetaDPOModel, tokenizer, config: di
 
 
 def load_checkpoint(path: str, base: torch.nn.Module, beta_mode: str, training: bool):
-    """The model parts save_checkpoint wrote -> (policy, BetaHead or None, BetaDPO or None).
+    """The model parts save_checkpoint wrote -> (policy, BetaHead, BetaDPO, EpsilonDPO), the last three
+    None where the run's beta_mode has none.
     A LoRA checkpoint's adapters go onto `base` (trainable when training); otherwise the policy
     is the checkpoint's own full model."""
     if is_lora_checkpoint(path):
@@ -337,7 +342,8 @@ def load_checkpoint(path: str, base: torch.nn.Module, beta_mode: str, training: 
         policy = load_policy(path)
     head = BetaHead.from_pretrained(path) if beta_mode == "learnable" else None
     beta_dpo = BetaDPO.from_pretrained(path) if beta_mode == "beta_dpo" else None  # M0, sigma, draws
-    return policy, head, beta_dpo
+    epsilon_dpo = EpsilonDPO.from_pretrained(path) if beta_mode == "epsilon_dpo" else None  # the running beta
+    return policy, head, beta_dpo, epsilon_dpo
 
 
 def load_trainer_state(path: str) -> dict:

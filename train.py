@@ -93,10 +93,16 @@ def get_args(argv=None) -> argparse.Namespace:
                         "<think>\\n (as TRL does; differs from what the model sees at inference). Responses with "
                         "</think> always keep their reasoning")
     g.add_argument("--strict_data", action="store_true", help="stop at the first bad row instead of skipping and counting it")
-    g = p.add_argument_group("beta", "how beta is chosen: fixed, learnable (BetaHead) or beta-DPO")
-    g.add_argument("--beta_mode", default="fixed", choices=["fixed", "learnable", "beta_dpo"],
+    g = p.add_argument_group("beta", "how beta is chosen: fixed, learnable (BetaHead), beta-DPO or ε-DPO; the loss")
+    g.add_argument("--beta_mode", default="fixed", choices=["fixed", "learnable", "beta_dpo", "epsilon_dpo"],
                    help="fixed: DPO with constant --beta; learnable: beta(x) = w * PPL(x) * f(h(x)); "
-                        "beta_dpo: batch-level beta and pair filtering of beta-DPO (Wu et al. 2024)")
+                        "beta_dpo: batch-level beta and pair filtering of beta-DPO (Wu et al. 2024); epsilon_dpo: "
+                        "per-pair beta of ε-DPO (Lee et al. 2025), needs the reference model (no --precompute_ref)")
+    g.add_argument("--epsilon_dpo_epsilon", type=float, default=0.01,
+                   help="epsilon_dpo: the perturbation beta/(1+eps), beta/(1-eps) checked per pair, also the step "
+                        "of its beta (the authors' default 0.01)")
+    g.add_argument("--label_smoothing", type=float, default=0.0,
+                   help="cDPO: each label is taken as flipped with this probability, in [0, 0.5) (0 = plain DPO)")
     g.add_argument("--beta_dpo_alpha", type=float, default=0.6,
                    help="beta_dpo: beta = beta0 * (1 + alpha * (mean kept reward gap - M0)), the authors' a")
     g.add_argument("--beta_dpo_rho", type=float, default=0.8,
@@ -169,7 +175,13 @@ def check_args(args, p) -> None:
             p.error("--beta_head_lr only applies to --beta_mode learnable")
         if args.beta_reg or args.beta_grad_to_policy or args.ppl_transform != "ppl":
             p.error("--beta_reg, --beta_grad_to_policy and --ppl_transform only apply to --beta_mode learnable")
-    if args.beta_mode == "fixed":
+    if args.beta_mode == "epsilon_dpo" and args.precompute_ref:
+        p.error("--beta_mode epsilon_dpo reads the reference model's logits at every response token: drop "
+                "--precompute_ref (its cache holds only sequence log-probs)")
+    if not 0 < args.epsilon_dpo_epsilon < 1 or not 0 <= args.label_smoothing < 0.5:
+        p.error(f"need 0 < --epsilon_dpo_epsilon < 1 and 0 <= --label_smoothing < 0.5; got "
+                f"{args.epsilon_dpo_epsilon} and {args.label_smoothing}")
+    if args.beta_mode in ("fixed", "epsilon_dpo"):
         for flag in ("beta_min", "beta_max"):
             if getattr(args, flag) is not None:
                 p.error(f"--{flag} only applies to --beta_mode learnable or beta_dpo")
@@ -199,6 +211,8 @@ def check_args(args, p) -> None:
             p.error(f"--{flag} must be >= 0; got {getattr(args, flag)}")
     if args.fsdp != "none" and args.lora_r:
         p.error("--fsdp with --lora_r is not supported: LoRA's trained weights are small, use plain DDP (no --fsdp)")
+    if args.fsdp != "none" and args.beta_mode == "epsilon_dpo":
+        p.error("--fsdp with --beta_mode epsilon_dpo is not supported yet (untested): use plain DDP (no --fsdp)")
     if (args.lora_r == 0) and args.merge_lora:
         p.error("--merge_lora needs --lora_r > 0")
     if args.lora_r < 0:
@@ -500,6 +514,8 @@ def train_step(run: Run, batches: list[dict]) -> StepResult:
     if finite:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.raw.epsilon_dpo is not None:  # its beta moves with the policy, every process alike
+        run.raw.epsilon_dpo.update_() if finite else run.raw.epsilon_dpo.discard_()
     return StepResult(loss_sum / len(batches), stats, grad_norm, finite, tokens, head_grads)
 
 

@@ -326,3 +326,51 @@ def test_epsilon_dpo_separate_step_size_and_arithmetic_mean():
 def test_epsilon_dpo_rejects_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EpsilonDPO(**kwargs)
+
+
+# -----------------------------------------------------------------------------
+# ε-DPO inside DynamicBetaDPOModel.forward
+
+
+def test_epsilon_dpo_forward_matches_its_parts():
+    """forward() in ε-DPO mode: the reference log-probs it computes equal the reference's own, the
+    per-pair beta equals epsilon_dpo_beta on the perturbed sequence log-probs, and at step 0
+    (policy = reference) no pair's beta moves."""
+    from conftest import small_qwen2
+
+    from beta_head import DynamicBetaDPOModel, run_model, sequence_logps
+    from data import collate
+    from model_loader import frozen_copy
+    policy = small_qwen2()
+    eps = EpsilonDPO(beta=0.1, epsilon=0.3)
+    model = DynamicBetaDPOModel(policy, reference_model=frozen_copy(policy), beta=0.1, epsilon_dpo=eps,
+                                label_smoothing=0.2)
+    g = torch.Generator().manual_seed(0)
+    rows = [dict(prompt_ids=torch.randint(0, 128, (5 + i,), generator=g).tolist(),
+                 chosen_ids=torch.randint(0, 128, (4 + i,), generator=g).tolist(),
+                 rejected_ids=torch.randint(0, 128, (6 - i,), generator=g).tolist()) for i in range(3)]
+    batch = collate(rows, pad_token_id=0)
+    loss, stats = model(**batch)
+    assert torch.equal(stats["epsilon_steps"], torch.zeros(3)) and torch.equal(stats["beta"], torch.full((3,), 0.1))
+    ref = sequence_logps(model.reference_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    assert torch.allclose(torch.cat([stats["reference_chosen_logps"], stats["reference_rejected_logps"]]), ref, atol=1e-5)
+    m = (stats["policy_chosen_logps"] - stats["reference_chosen_logps"]) - (
+        stats["policy_rejected_logps"] - stats["reference_rejected_logps"])
+    assert loss.item() == pytest.approx(dpo_loss(m, torch.zeros(3), torch.zeros(3), torch.zeros(3), 0.1,
+                                                 label_smoothing=0.2)[0].mean().item(), rel=1e-5)
+    assert eps.pending.tolist() == [0, 0, 3]  # counted in training: 3 pairs, none moved
+
+    with torch.no_grad():  # move the policy away from the reference: now betas move, as the parts say
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    _, stats = model(**batch)
+    hidden = run_model(policy, batch["input_ids"], batch["attention_mask"])
+    ref_hidden = run_model(model.reference_model, batch["input_ids"], batch["attention_mask"])
+    response = batch["loss_mask"][:, 1:].bool()
+    seq = (mixed_token_logps(hidden, policy.lm_head, ref_hidden, model.reference_model.lm_head,
+                             batch["input_ids"], response, eps.coefs) * response).sum(-1)
+    beta, steps = epsilon_dpo_beta(seq[:, :3], seq[:, 3:], 0.1, 0.3)
+    assert torch.equal(stats["epsilon_steps"], steps.float()) and torch.allclose(stats["beta"], beta)
+    assert steps.abs().sum() > 0  # the check above is not vacuous
+    with pytest.raises(ValueError, match="not cached reference log-probs"):
+        model(**batch, reference_logps=ref)

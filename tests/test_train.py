@@ -130,6 +130,10 @@ def test_fixed_mode_trains_and_evaluates(tiny_qwen2_dir, tmp_path):
     (["--policy_lr=-1e-5"], "--policy_lr must be > 0"),
     (["--beta_mode", "learnable", "--beta_min", "0.5"], "beta_min < --beta"),
     (["--epsilon", "1.5"], "epsilon"),
+    (["--beta_mode", "epsilon_dpo", "--precompute_ref"], "drop --precompute_ref"),
+    (["--beta_mode", "epsilon_dpo", "--beta_max", "1"], "only applies to --beta_mode learnable or beta_dpo"),
+    (["--label_smoothing", "0.5"], "0 <= --label_smoothing < 0.5"),
+    (["--beta_mode", "epsilon_dpo", "--epsilon_dpo_epsilon", "0"], "0 < --epsilon_dpo_epsilon < 1"),
 ])
 def test_bad_flags_fail_before_loading(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -232,6 +236,31 @@ def test_beta_dpo_mode_trains_and_resumes_exactly(tiny_qwen2_dir, tmp_path):
     os.remove(full / "final" / "trainer_state.pt")  # what experiments.py prune does
     metrics = evaluate.main(["--ckpt", str(full / "final")])
     assert metrics["pairs"] == 8
+
+
+@pytest.mark.slow
+def test_epsilon_dpo_mode_trains_and_resumes_exactly(tiny_qwen2_dir, tmp_path):
+    """ε-DPO with cDPO label smoothing: its running beta moves with training, is saved in
+    epsilon_dpo.json and resumes exactly; evaluate.py reloads it."""
+    args = ["--beta_mode", "epsilon_dpo", "--epsilon_dpo_epsilon", "0.2", "--label_smoothing", "0.1",
+            "--max_steps", "4", "--save_every_steps", "2", "--log_every_steps", "1"]
+    full = tmp_path / "full"
+    train.main(common(tiny_qwen2_dir, full, *args))
+    part = tmp_path / "part"
+    os.makedirs(part / "checkpoints")
+    shutil.copytree(full / "checkpoints" / "step_2", part / "checkpoints" / "step_2")
+    train.main(common(tiny_qwen2_dir, part, *args, "--resume_from", "auto"))
+    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = json.load(open(full / "final" / "epsilon_dpo.json"))
+    assert sa == json.load(open(part / "final" / "epsilon_dpo.json")) and sa["updates"] == 4
+    lines = [json.loads(x) for x in open(full / "metrics.jsonl") if '"train"' in x]
+    assert lines[0]["epsilon_dpo/down_frac"] == lines[0]["epsilon_dpo/up_frac"] == 0  # step 0: policy = reference
+    moved = sum(m["epsilon_dpo/down_frac"] + m["epsilon_dpo/up_frac"] for m in lines[1:])
+    assert moved > 0 and (sa["beta"] != 0.1) == (moved > 0)
+    metrics = evaluate.main(["--ckpt", str(full / "final")])
+    assert metrics["beta/mean"] != 0.1 and metrics["loss"] == pytest.approx(
+        json.load(open(full / "final" / "eval.json"))["metrics"]["loss"], rel=1e-5)
 
 
 # one group per line: flags that decide which rows train, their tokens, and their order

@@ -32,8 +32,11 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset_data_dir", default=None, help="hub dataset data_dir for --dataset")
     p.add_argument("--max_examples", type=int, default=0, help="use at most this many pairs (0 = all)")
     p.add_argument("--batch_size", type=int, default=8, help="pairs per forward per process")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--out_name", default="eval", help="write NAME.json and NAME.md into the checkpoint (default eval; "
+                   "another name keeps train.py's own eval.json)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="default: the precision the run trained in (its --precision, 'auto' decided on this "
+                        "machine), so the numbers match training's own evaluation")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_examples < 0:
         p.error("--batch_size must be >= 1 and --max_examples >= 0")
@@ -58,7 +61,7 @@ def eval_examples(args, cfg: dict, tokenizer) -> tuple[list[dict], dict]:
 def main(argv=None):
     args = get_args(argv)
     cfg = read_run_config(args.ckpt)
-    accelerator = make_accelerator(args.precision)
+    accelerator = make_accelerator(args.precision or cfg.get("precision", "auto"))
     tokenizer = load_tokenizer(args.ckpt)
     examples, report = eval_examples(args, cfg, tokenizer)
     model = build_model(cfg, accelerator.device, autocast_dtype(accelerator), ckpt=args.ckpt, training=False)
@@ -73,7 +76,7 @@ def main(argv=None):
     metrics = eval_metrics(stats, cfg["beta"], cfg["beta_min"], cfg["beta_max"], head)
     if accelerator.is_main_process:
         write_eval(args.ckpt, stats, metrics, report, f"{len(examples)} held-out pairs (skipped {report['skipped']}), "
-                   f"beta_mode={cfg['beta_mode']}, beta0={cfg['beta']}.", vars(args))
+                   f"beta_mode={cfg['beta_mode']}, beta0={cfg['beta']}.", vars(args), args.out_name)
     return metrics
 
 

@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from beta_head import ppl_scale, sequence_logps
-from data import build_examples, collate, load_splits
+from data import build_examples, collate, load_rows, load_splits
 from model_loader import drop_resume_state, is_complete, load_policy, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,7 +66,7 @@ EXPERIMENTS = {
                max_prompt_length=96, batch_size=4, gradient_accumulation_steps=2, max_steps=24,
                max_train_examples=192, max_eval_examples=100, policy_lr=1e-5, beta=0.1, warmup_ratio=0.1,
                log_every_steps=2, eval_every_steps=0, save_every_steps=12, save_total_limit=1, eval_batch_size=8,
-               precompute_ref=True),
+               precompute_ref=True, precision="fp32"),
     # bf16 against fp32: does autocast train like fp32? 100 steps of 4 pairs, held-out eval every 20
     "bf16": dict(model_name_or_path="smollm2-135m-instruct", eval_fraction=0.1, split_seed=0, max_length=128,
                  max_prompt_length=96, batch_size=4, max_steps=100, max_train_examples=400, max_eval_examples=100,
@@ -120,7 +120,7 @@ E2_BETAS = [0.05, 0.1, 0.2, 0.5]
 E2_SAMPLES, E2_EVAL_SAMPLES, E2_NEW_TOKENS = 4, 4, 40
 E2_TRAIN = dict(eval_fraction=0.1, split_seed=0, max_length=112, max_prompt_length=64, batch_size=4,
                 gradient_accumulation_steps=2, num_epochs=1, policy_lr=2e-5, warmup_ratio=0.1, log_every_steps=2,
-                eval_every_steps=0, save_every_steps=0, eval_batch_size=16, precompute_ref=True)
+                eval_every_steps=0, save_every_steps=0, eval_batch_size=16, precompute_ref=True, precision="fp32")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -147,29 +147,107 @@ def curve(result: dict, split: str) -> list[dict]:
 
 def run(exp: str, modes: list[str], seeds: list[int], data: str, extra: list[str], results_dir: str,
         runs_dir: str, keep: bool = False) -> None:
+    """Every (mode, seed) of an experiment of EXPERIMENTS, seed-major (so a partial run already
+    compares modes)."""
+    configs = {f"{mode}-s{seed}": dict(dataset=data, **EXPERIMENTS[exp], **{**MODES, **PRECISION_MODES}[mode], seed=seed)
+               for seed in seeds for mode in modes}
+    run_configs(exp, configs, extra, results_dir, runs_dir, keep)
+
+
+def run_configs(exp: str, configs: dict[str, dict], extra: list[str], results_dir: str, runs_dir: str,
+                keep: bool = False, test_data: str | None = None) -> None:
+    """Train each named configuration (train.py evaluates it on its held-out split), and with
+    test_data evaluate its final policy there too; one result JSON per run in results_dir/exp/.
+    Finished runs (their JSON exists) are skipped; interrupted ones resume."""
     os.makedirs(os.path.join(results_dir, exp), exist_ok=True)
-    for seed in seeds:  # seed-major, so a partial run already compares modes
-        for mode in modes:
-            name = f"{mode}-s{seed}"
-            result = os.path.join(results_dir, exp, name + ".json")
-            if os.path.exists(result):
-                print(f"[{exp}] {name}: done, skipped")
-                continue
-            run_dir = os.path.join(runs_dir, exp, name)
-            config = dict(dataset=data, **EXPERIMENTS[exp], **{**MODES, **PRECISION_MODES}[mode], seed=seed)
-            argv = flags(config) + extra
-            print(f"[{exp}] {name}: training ({run_dir}/train.log)", flush=True)
-            t0 = time.time()
-            curves = train_run(run_dir, argv)
-            with open(os.path.join(run_dir, "final", "eval.json")) as f:
-                ev = json.load(f)
-            out = dict(experiment=exp, mode=mode, seed=seed, config=config, flags=argv, wall_s=time.time() - t0,
-                       eval=ev["metrics"], per_pair=ev["per_pair"], data_report=ev["data_report"], curves=curves)
-            write_json(result, out)
-            if not keep:
-                drop_resume_state(run_dir)
-            print(f"[{exp}] {name}: acc {out['eval']['rewards/accuracies']:.3f}, "
-                  f"loss@beta0 {out['eval']['loss_beta0']:.4f}, {out['wall_s'] / 60:.1f} min", flush=True)
+    for name, config in configs.items():
+        result = os.path.join(results_dir, exp, name + ".json")
+        if os.path.exists(result):
+            print(f"[{exp}] {name}: done, skipped")
+            continue
+        run_dir = os.path.join(runs_dir, exp, name)
+        argv = flags(config) + extra
+        print(f"[{exp}] {name}: training ({run_dir}/train.log)", flush=True)
+        t0 = time.time()
+        curves = train_run(run_dir, argv)
+        with open(os.path.join(run_dir, "final", "eval.json")) as f:
+            ev = json.load(f)
+        out = dict(experiment=exp, name=name, mode=name.rsplit("-s", 1)[0], seed=config.get("seed", 0), config=config,
+                   flags=argv, wall_s=time.time() - t0, eval=ev["metrics"], per_pair=ev["per_pair"],
+                   data_report=ev["data_report"], curves=curves)
+        if test_data:  # the test split: evaluated once, on the final policy only
+            out["test"] = evaluate_on(run_dir, test_data, "eval_test")
+        write_json(result, out)
+        if not keep:
+            drop_resume_state(run_dir)
+        print(f"[{exp}] {name}: held-out acc {out['eval']['rewards/accuracies']:.3f}, "
+              f"loss@beta0 {out['eval']['loss_beta0']:.4f}, {out['wall_s'] / 60:.1f} min", flush=True)
+
+
+def evaluate_on(run_dir: str, data: str, out_name: str) -> dict:
+    """evaluate.py on a run's final policy with other pairs -> {metrics, per_pair} (also written to
+    final/<out_name>.json)."""
+    final = os.path.join(run_dir, "final")
+    with open(os.path.join(run_dir, "train.log"), "a") as log:
+        subprocess.run([sys.executable, "evaluate.py", "--ckpt", final, "--dataset", data, "--out_name", out_name],
+                       cwd=HERE, stdout=log, stderr=log, check=True)
+    with open(os.path.join(final, out_name + ".json")) as f:
+        ev = json.load(f)
+    return dict(metrics=ev["metrics"], per_pair=ev["per_pair"], data_report=ev["data_report"])
+
+
+# -----------------------------------------------------------------------------
+# the study (issue #13): fixed train / validation / test splits of the HH-RLHF pairs; choices are
+# made on validation, the test split is evaluated once, on the final runs
+
+
+STUDY_SPLITS = dict(test=250, validation=200, seed=0)  # pairs per split; the rest trains
+STUDY = dict(model_name_or_path="smollm2-135m-instruct", max_length=256, max_prompt_length=192, batch_size=4,
+             gradient_accumulation_steps=2, warmup_ratio=0.1, log_every_steps=5, eval_every_steps=25,
+             eval_batch_size=8, save_every_steps=25, save_total_limit=1, precision="bf16", precompute_ref=True)
+# each phase: run name -> the flags it adds to STUDY (and the data); seeds are part of the name
+STUDY_PHASES = {
+    # training length and learning rate: fixed beta0 = 0.1, validation every 25 steps (1 epoch = ~190 steps)
+    "tune_lr": {f"fixed-lr{lr:g}-s0": dict(beta_mode="fixed", beta=0.1, policy_lr=lr, max_steps=200, seed=0)
+                for lr in (1e-5, 3e-5)},
+}
+
+
+def study_data(data: str, runs_dir: str, results_dir: str) -> dict[str, str]:
+    """Write the study's splits (a seeded shuffle of the pairs: test, validation, the rest train) to
+    runs_dir/study/data/*.jsonl, derived from the shared data (never committed), and record their
+    sizes and content hashes in results_dir/study/splits.json. -> {split: path}."""
+    import hashlib
+    import random
+    rows = load_rows(data)
+    order = list(range(len(rows)))
+    random.Random(STUDY_SPLITS["seed"]).shuffle(order)
+    n_test, n_val = STUDY_SPLITS["test"], STUDY_SPLITS["validation"]
+    parts = dict(test=order[:n_test], validation=order[n_test:n_test + n_val], train=order[n_test + n_val:])
+    out_dir = os.path.join(runs_dir, "study", "data")
+    os.makedirs(out_dir, exist_ok=True)
+    paths, manifest = {}, dict(source=os.path.relpath(data, HERE) if os.path.isabs(data) else data, **STUDY_SPLITS)
+    for split, idx in parts.items():
+        text = "".join(json.dumps(rows[i], sort_keys=True) + "\n" for i in idx)
+        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
+        write_text(paths[split], text)
+        manifest[split] = dict(rows=len(idx), sha256=hashlib.sha256(text.encode()).hexdigest())
+    recorded = os.path.join(results_dir, "study", "splits.json")
+    if os.path.exists(recorded) and json.load(open(recorded)) != manifest:
+        sys.exit(f"error: the study's splits differ from the ones recorded in {recorded}; the data changed")
+    os.makedirs(os.path.dirname(recorded), exist_ok=True)
+    write_json(recorded, manifest)
+    return paths
+
+
+def run_study(phase: str, data: str, extra: list[str], results_dir: str, runs_dir: str, keep: bool = False) -> None:
+    """One phase of the study (STUDY_PHASES). Tuning phases train on train and evaluate on
+    validation; the final phases also evaluate the test split, once."""
+    paths = study_data(data, runs_dir, results_dir)
+    configs = {name: dict(dataset=paths["train"], eval_split=paths["validation"], **STUDY, **config)
+               for name, config in STUDY_PHASES[phase].items()}
+    run_configs(f"study/{phase}", configs, extra, os.path.join(results_dir), runs_dir, keep,
+                test_data=None if phase.startswith("tune") else paths["test"])
 
 
 # -----------------------------------------------------------------------------
@@ -634,11 +712,46 @@ def report_bf16(results_dir: str) -> None:
     print(f"wrote {results_dir}/bf16.md and {fig_dir}/bf16_curves.png")
 
 
+def report_study_tuning(phase: str, results_dir: str) -> None:
+    """A tuning phase of the study: validation curves (figure) and the table they are chosen from."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "study", phase, "*.json")))]
+    if not results:
+        sys.exit(f"error: no results in {results_dir}/study/{phase}; run `python experiments.py run study --phase {phase}` first")
+    rows = [f"# study, {phase}: validation ({results[0]['eval']['pairs']} pairs) during training\n",
+            "| run | step | loss@beta0 | reward accuracy | margin@beta0 | logratio chosen | logratio rejected |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for r in results:
+        ev = curve(r, "eval")
+        for m in ev:
+            rows.append(f"| {r['name']} | {m['step']} | {m['loss_beta0']:.4f} | {m['rewards/accuracies']:.3f} | "
+                        f"{m['rewards_beta0/margins']:.4f} | {m['logratio/chosen']:.3f} | {m['logratio/rejected']:.3f} |")
+        tr = curve(r, "train")
+        axes[0].plot([m["step"] for m in tr], [m["loss_beta0"] for m in tr], label=r["name"])
+        axes[1].plot([m["step"] for m in ev], [m["loss_beta0"] for m in ev], marker="o", label=r["name"])
+        axes[2].plot([m["step"] for m in ev], [m["rewards/accuracies"] for m in ev], marker="o", label=r["name"])
+    for ax, title in zip(axes, ("training loss at beta0 (logged batches)", "validation loss at beta0",
+                                "validation reward accuracy")):
+        ax.set(xlabel="step", title=title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig_dir = os.path.join(results_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    fig.savefig(os.path.join(fig_dir, f"study_{phase}.png"), dpi=110)
+    write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
+    splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))
+    print("\n".join(rows))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "report", "data"],
                    help="run experiments, rebuild tables and figures, or write E1's data statistics")
-    p.add_argument("experiment", nargs="?", default="e1", choices=["e1", "e2", "bf16"], help="which experiment")
+    p.add_argument("experiment", nargs="?", default="e1", choices=["e1", "e2", "bf16", "study"], help="which experiment")
+    p.add_argument("--phase", default="tune_lr", choices=list(STUDY_PHASES), help="which phase of the study (study)")
     p.add_argument("--modes", nargs="+", default=None, choices=list(MODES) + list(PRECISION_MODES),
                    help="beta modes to run (default: all of the experiment's: MODES, or PRECISION_MODES for bf16)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (e1)")
@@ -656,6 +769,10 @@ if __name__ == "__main__":
     args.modes = args.modes or list(PRECISION_MODES if args.experiment == "bf16" else MODES)
     if args.command == "data":
         data_stats(args.data, args.results_dir)
+    elif args.command == "run" and args.experiment == "study":
+        run_study(args.phase, args.data, args.extra, args.results_dir, args.runs_dir, args.keep_checkpoints)
+    elif args.experiment == "study":
+        report_study_tuning(args.phase, args.results_dir)
     elif args.command == "run" and args.experiment == "e2":
         run_e2(args.modes, args.betas, args.extra, args.results_dir, args.runs_dir, args.e2_model, args.keep_checkpoints)
     elif args.command == "run":

@@ -56,7 +56,8 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gguf_file", default=None, help="GGUF file inside --model_name_or_path (loaded de-quantised to fp32)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow the model repo's own Python code (off: Qwen2 needs none)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = bf16 autocast with fp32 master weights on CUDA, fp32 on CPU")
+                   help="auto = bf16 autocast with fp32 master weights on CUDA and on CPUs with bf16 matmul "
+                        "instructions (AVX512-BF16, AMX), else fp32")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute the policy's layer activations in backward (less memory, ~30%% slower)")
     g.add_argument("--lora_r", type=int, default=0, help="LoRA rank (0 = full fine-tuning); the reference is then the policy with adapters off")
     g.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA alpha")
@@ -276,6 +277,7 @@ def resolve_resume(args) -> str | None:
 def main(argv=None):
     args = get_args(argv)
     accelerator = make_accelerator(args.precision)  # gradient accumulation is done by hand, below
+    args.precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"  # 'auto' as decided, for the record
     check_launch(args, accelerator)
     resume = setup_run_dir(args, accelerator)
     rows = load_splits(args.dataset, args.split, args.eval_split, args.eval_fraction, args.split_seed,

@@ -56,13 +56,13 @@ def fixed_ckpt(tiny_qwen2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fixed_run") / "run"
     train.main(["--model_name_or_path", tiny_qwen2_dir, "--dataset", "demo", "--output_dir", str(out),
                 "--max_steps", "1", "--batch_size", "2", "--max_length", "64", "--max_prompt_length", "40",
-                "--max_eval_examples", "2", "--eval_every_steps", "0"])
+                "--max_eval_examples", "2", "--eval_every_steps", "0", "--precision", "fp32"])
     return out
 
 
 def base_flags(model, out, *extra):
     return ["--model_name_or_path", model, "--dataset", "demo", "--output_dir", str(out), "--max_steps", "1",
-            "--batch_size", "2", "--max_length", "64", "--max_prompt_length", "40", *extra]
+            "--batch_size", "2", "--max_length", "64", "--max_prompt_length", "40", "--precision", "fp32", *extra]
 
 
 # (case id, provoke(ctx) -> message, expected fragment). ctx has tmp, tok, capsys, model, fixed.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from model_loader import (DEFAULT_MODEL, choose_precision, frozen_copy, load_policy, load_tokenizer,
+from model_loader import (DEFAULT_MODEL, choose_precision, cpu_multiplies_bf16_fast, frozen_copy, load_policy, load_tokenizer,
                           resolve)
 
 
@@ -93,6 +93,10 @@ def test_defaults_and_precision():
     assert args.model_name_or_path == DEFAULT_MODEL == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
     assert args.trust_remote_code is False
     assert choose_precision("auto", use_cuda=True) == "bf16"
-    assert choose_precision("auto", use_cuda=False) == "no"
+    assert choose_precision("auto", use_cuda=True, cpu_bf16=False) == "bf16"
+    assert choose_precision("auto", use_cuda=False, cpu_bf16=True) == "bf16"  # AVX512-BF16 or AMX
+    assert choose_precision("auto", use_cuda=False, cpu_bf16=False) == "no"
+    assert choose_precision("fp32", use_cuda=False, cpu_bf16=True) == "no"
+    assert choose_precision("auto", use_cuda=False) == ("bf16" if cpu_multiplies_bf16_fast() else "no")
     assert choose_precision("fp32", use_cuda=True) == "no"
     assert resolve("some/hub-id") == ("some/hub-id", None)

@@ -19,7 +19,7 @@ def common(model_dir, out, *extra):
     return ["--model_name_or_path", model_dir, "--dataset", "demo", "--eval_split", "test",
             "--max_eval_examples", "8", "--output_dir", str(out), "--batch_size", "2",
             "--max_length", "64", "--max_prompt_length", "40", "--policy_lr", "1e-3",
-            "--log_every_steps", "2", "--eval_every_steps", "0", "--seed", "1", *extra]
+            "--log_every_steps", "2", "--eval_every_steps", "0", "--seed", "1", "--precision", "fp32", *extra]
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ def setup(tiny_qwen2_dir, tmp_path, *flags):
     """A Run as train.main makes it (flags -> model -> optimizer), and two micro-batches of demo pairs."""
     args = train.get_args(["--model_name_or_path", tiny_qwen2_dir, "--dataset", "demo", "--output_dir",
                            str(tmp_path / "run"), "--max_length", "64", "--max_prompt_length", "40",
-                           "--policy_lr", "1e-3", "--max_steps", "3", *flags])
+                           "--policy_lr", "1e-3", "--max_steps", "3", "--precision", "fp32", *flags])
     (tmp_path / "run").mkdir()
     accelerator = make_accelerator(args.precision)
     tokenizer = load_tokenizer(tiny_qwen2_dir)

@@ -87,3 +87,30 @@ def test_e2_sampling_and_sequence_logps(tiny_qwen2_dir, monkeypatch):
     monkeypatch.setattr(E, "E2_NEW_TOKENS", 4)
     score = E.e2_score(model, model, tok, seed=0)
     assert -1 <= score["reward"] <= 1 and score["samples"] == E.E2_HELDOUT * len(E.E2_FRAMINGS)
+
+
+def test_study_splits_and_a_final_phase_with_a_test_split(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """The study's splits are disjoint, fixed by a seed and recorded; a final phase evaluates the
+    test split once, on the final policy, without touching train.py's validation eval.json."""
+    import experiments as E
+    from data import load_rows
+    monkeypatch.setattr(E, "STUDY_SPLITS", dict(test=6, validation=4, seed=0))
+    monkeypatch.setattr(E, "STUDY", dict(model_name_or_path=tiny_qwen2_dir, max_length=64, max_prompt_length=40,
+                                         batch_size=2, log_every_steps=1, eval_every_steps=1, save_every_steps=1,
+                                         precision="fp32", precompute_ref=True, ref_cache_dir=str(tmp_path / "cache"),
+                                         max_train_examples=16))
+    monkeypatch.setattr(E, "STUDY_PHASES", {"final": {"fixed-s0": dict(beta_mode="fixed", max_steps=2, seed=0)}})
+    res, runs = str(tmp_path / "results"), str(tmp_path / "runs")
+    paths = E.study_data("demo", runs, res)
+    rows = {k: [json.loads(x) for x in open(p)] for k, p in paths.items()}
+    assert [len(rows[k]) for k in ("test", "validation")] == [6, 4]
+    assert len(rows["train"]) == len(load_rows("demo")) - 10
+    as_set = lambda k: {json.dumps(r, sort_keys=True) for r in rows[k]}  # noqa: E731
+    assert not (as_set("test") & as_set("validation") or as_set("test") & as_set("train"))
+    assert E.study_data("demo", runs, res) == paths  # the same splits again (and the recorded hashes agree)
+    E.run_study("final", "demo", [], res, runs)
+    r = json.load(open(os.path.join(res, "study", "final", "fixed-s0.json")))
+    assert r["eval"]["pairs"] == 4 and r["test"]["metrics"]["pairs"] == 6  # validation, then test
+    final = os.path.join(runs, "study", "final", "fixed-s0", "final")
+    assert json.load(open(os.path.join(final, "eval.json")))["metrics"]["pairs"] == 4  # train.py's, kept
+    assert json.load(open(os.path.join(final, "eval_test.json")))["metrics"] == r["test"]["metrics"]

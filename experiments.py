@@ -131,6 +131,8 @@ def train_run(run_dir: str, flags: list[str]) -> list[dict]:
         if not is_complete(os.path.join(run_dir, "final")):
             subprocess.run([sys.executable, "train.py", *flags, "--output_dir", run_dir, "--resume_from", "auto"],
                            cwd=HERE, stdout=log, stderr=log, check=True)
+        if not is_complete(os.path.join(run_dir, "final")):  # stopped by a signal, with a checkpoint
+            sys.exit(f"{run_dir}: training stopped before the end; the same command resumes it")
         if not os.path.exists(os.path.join(run_dir, "final", "eval.json")):  # train.py writes it at the end
             subprocess.run([sys.executable, "evaluate.py", "--ckpt", os.path.join(run_dir, "final")],
                            cwd=HERE, stdout=log, stderr=log, check=True)

@@ -168,7 +168,7 @@ def run_configs(exp: str, configs: dict[str, dict], extra: list[str], results_di
             print(f"[{exp}] {name}: done, skipped")
             continue
         run_dir = os.path.join(runs_dir, exp, name)
-        argv = flags(config) + extra
+        argv = flags(config) + extra + (["--keep_checkpoints"] if keep else [])
         print(f"[{exp}] {name}: training ({run_dir}/train.log)", flush=True)
         t0 = time.time()
         curves = train_run(run_dir, argv)
@@ -764,8 +764,8 @@ if __name__ == "__main__":
     p.add_argument("--results_dir", default=os.path.join(HERE, "results"), help="where result JSON, tables and figures go")
     p.add_argument("--runs_dir", default=os.path.join(HERE, "runs", "exp"), help="where the runs' checkpoints go")
     p.add_argument("--keep_checkpoints", action="store_true",
-                   help="keep every run's step checkpoints and final optimizer state (default: drop them once the "
-                        "run's result file exists; a SmolLM2 run writes ~2 GB)")
+                   help="keep every run's step checkpoints (train.py --keep_checkpoints; default: a finished run keeps "
+                        "final/ only, ~0.5 GB for SmolLM2)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every run (last)")
     args = p.parse_args()
     args.modes = args.modes or list(PRECISION_MODES if args.experiment == "bf16" else MODES)

@@ -173,11 +173,23 @@ def choose_precision(requested: str, use_cuda: bool, cpu_bf16: bool | None = Non
     return {"fp32": "no", "bf16": "bf16"}[requested]
 
 
-def make_accelerator(precision: str) -> Accelerator:
-    """Device and precision, decided here once: CUDA when present, else CPU (with gloo across
-    processes under torchrun / accelerate launch, which accelerate only does when told cpu=True)."""
+# --report_to names -> the package each needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def make_accelerator(precision: str, report_to: list[str] | None = None, logging_dir: str | None = None) -> Accelerator:
+    """Device, precision and experiment trackers, decided here once: CUDA when present, else CPU
+    (with gloo across processes under torchrun / accelerate launch, which accelerate only does when
+    told cpu=True). report_to: accelerate tracker names (TRACKERS), logging to logging_dir."""
+    from accelerate.utils import ProjectConfiguration
+    for name in report_to or []:
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise DataError(f"--report_to {name} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]} "
+                            "(or pass --report_to none)")
     use_cuda = torch.cuda.is_available()
-    return Accelerator(cpu=not use_cuda, mixed_precision=choose_precision(precision, use_cuda))
+    return Accelerator(cpu=not use_cuda, mixed_precision=choose_precision(precision, use_cuda),
+                       log_with=report_to or None,
+                       project_config=ProjectConfiguration(project_dir=logging_dir, logging_dir=logging_dir))
 
 
 def autocast_dtype(accelerator: Accelerator) -> torch.dtype | None:
@@ -306,11 +318,13 @@ def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], cache_
 TRAINER_STATE, RUN_CONFIG, COMPLETED = "trainer_state.pt", "run_config.json", "COMPLETED"
 
 
-def save_checkpoint(path: str, model: DynamicBetaDPOModel, tokenizer, config: dict, trainer_state: dict,
-                    policy_state: dict | None = None) -> None:
+def save_checkpoint(path: str, model: DynamicBetaDPOModel, tokenizer, config: dict, trainer_state: dict | None,
+                    policy_state: dict | None = None, extra_files: dict[str, str] | None = None) -> None:
     """Write a complete checkpoint at `path` atomically: everything goes to path.tmp, is fsynced,
     and is renamed into place with a COMPLETED marker; an old `path` is replaced only then.
-    trainer_state: optimizer state dict and counters (the RNG states are added here).
+    trainer_state: optimizer state dict and counters (the RNG states are added here); None for a
+    model to deploy (final/), which then holds no optimizer state.
+    extra_files: file name -> text, written inside the checkpoint too (the model card).
     policy_state: the policy's gathered weights when they are sharded (--fsdp)."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -324,9 +338,13 @@ def save_checkpoint(path: str, model: DynamicBetaDPOModel, tokenizer, config: di
         for state in (model.beta_dpo, model.epsilon_dpo):  # running statistics of the batch-level modes
             if state is not None:
                 state.save_pretrained(tmp)
-        rng = dict(python=random.getstate(), torch=torch.get_rng_state(),
-                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-        torch.save(dict(trainer_state, rng=rng), os.path.join(tmp, TRAINER_STATE))
+        if trainer_state is not None:
+            rng = dict(python=random.getstate(), torch=torch.get_rng_state(),
+                       cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+            torch.save(dict(trainer_state, rng=rng), os.path.join(tmp, TRAINER_STATE))
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
         with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
             json.dump(config, f, indent=2)
         open(os.path.join(tmp, COMPLETED), "w").close()
@@ -439,6 +457,53 @@ def write_eval(ckpt: str, stats: dict[str, torch.Tensor], metrics: dict[str, flo
     with open(os.path.join(ckpt, name + ".md"), "w") as f:
         f.write(md)
     print(f"wrote {os.path.join(ckpt, name + '.json')} and {name}.md")
+
+
+def model_card(config: dict, metrics: dict[str, float], data_report: dict, command: str) -> str:
+    """final/README.md in the Hugging Face convention: metadata, what the model is, how it was
+    trained, its held-out metrics and the command that made it."""
+    mode = {"fixed": f"DPO with a fixed beta = {config['beta']}",
+            "learnable": f"Learnable-beta DPO: beta(x) = w * PPL(x) * f(h(x)) (a {config.get('nn_structure')} BetaHead, "
+                         f"epsilon {config.get('epsilon')}), calibrated to a mean of {config['beta']}",
+            "beta_dpo": f"beta-DPO (Wu et al. 2024), batch-level beta around {config['beta']} with pair filtering",
+            "epsilon_dpo": f"ε-DPO (Lee et al. 2025), per-pair beta around {config['beta']}"}.get(config["beta_mode"],
+                                                                                                  config["beta_mode"])
+    keys = ("loss", "loss_beta0", "rewards/accuracies", "rewards_beta0/margins", "beta/mean", "beta/std", "pairs")
+    rows = "\n".join(f"| {k} | {metrics[k]:.4g} |" for k in keys if k in metrics)
+    lora = " (LoRA adapters: load with peft's PeftModel.from_pretrained on the base model)" if config.get("lora_r") else ""
+    return f"""---
+base_model: {config['model_name_or_path']}
+library_name: transformers
+tags:
+- dpo
+- learnable-beta-dpo
+- {config['beta_mode']}
+---
+
+# {config.get('run_name') or 'DPO policy'}
+
+A preference-tuned version of `{config['model_name_or_path']}`{lora}, trained with {mode}, on the
+preference pairs of `{config['dataset']}` ({config.get('max_length')} tokens at most per prompt + response).
+
+## Held-out evaluation
+
+{metrics.get('pairs', '?')} held-out pairs ({data_report.get('skipped') or 'none'} skipped); rewards_beta0 and loss_beta0 use
+the fixed beta0 = {config['beta']}, so runs with different beta modes compare.
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## How it was made
+
+```bash
+{command}
+```
+
+`run_config.json` holds every flag, `eval.json` the per-pair evaluation; the BetaHead (learnable beta)
+is in `beta_head.safetensors`. Load the policy with
+`AutoModelForCausalLM.from_pretrained("<this directory>")`.
+"""
 
 
 def markdown_table(metrics: dict[str, float]) -> str:

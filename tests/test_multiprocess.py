@@ -63,8 +63,9 @@ def test_two_processes_equal_one_and_resume(tiny_qwen2_dir, tmp_path):
     # others by <= 1e-6. A real divergence (e.g. a missing gradient sync) moves millions by ~lr.
     assert all(torch.allclose(w1[k], w2[k], atol=WEIGHT_ATOL) for k in w1)
     assert sum(int(((w1[k] - w2[k]).abs() > 1e-6).sum()) for k in w1) <= MAX_OFF
-    # only the main process wrote: one complete copy of each checkpoint, no stray temporaries
-    assert sorted(os.listdir(two / "checkpoints")) == ["step_2"]
+    # only the main process wrote: one complete copy of each checkpoint (step 2, and the last step's
+    # state that --keep_checkpoints keeps), no stray temporaries
+    assert sorted(os.listdir(two / "checkpoints")) == ["step_2", "step_4"]
 
     # resume the 2-process run from its step-2 checkpoint: same final weights
     three = tmp_path / "three"
@@ -97,7 +98,7 @@ def test_fsdp_two_processes_equal_one_and_resume(tiny_qwen2_dir, tmp_path, mode)
     assert sum(int(((w1[k] - w2[k]).abs() > 1e-6).sum()) for k in w1) <= MAX_OFF
     h1, h2 = (load_file(str(r / "final" / "beta_head.safetensors")) for r in (one, two))
     assert all(torch.allclose(h1[k], h2[k], atol=1e-6) for k in h1)
-    assert sorted(os.listdir(two / "checkpoints")) == ["step_2"]
+    assert sorted(os.listdir(two / "checkpoints")) == ["step_2", "step_4"]
 
     os.makedirs(three / "checkpoints")
     shutil.copytree(two / "checkpoints" / "step_2", three / "checkpoints" / "step_2")

@@ -45,11 +45,11 @@ def test_checkpoint_weights_are_safetensors(tiny_qwen2_dir, tmp_path):
     out = tmp_path / "run"
     train.main(["--model_name_or_path", tiny_qwen2_dir, "--dataset", "demo", "--output_dir", str(out), "--max_steps", "1",
                 "--batch_size", "2", "--max_length", "64", "--max_prompt_length", "40", "--max_eval_examples", "2",
-                "--beta_mode", "learnable"])
+                "--beta_mode", "learnable", "--precision", "fp32"])
     files = os.listdir(out / "final")
     assert "model.safetensors" in files and "beta_head.safetensors" in files
     assert not [f for f in files if f.endswith((".bin", ".pkl", ".pickle", ".pth"))]
-    assert [f for f in files if f.endswith(".pt")] == ["trainer_state.pt"]  # optimizer/RNG state, weights_only
+    assert not [f for f in files if f.endswith(".pt")]  # final/ holds no optimizer state (no trainer_state.pt)
 
 
 def test_remote_code_is_opt_in_and_warns(deepseek_tokenizer_dir, capsys):

@@ -19,7 +19,8 @@ def common(model_dir, out, *extra):
     return ["--model_name_or_path", model_dir, "--dataset", "demo", "--eval_split", "test",
             "--max_eval_examples", "8", "--output_dir", str(out), "--batch_size", "2",
             "--max_length", "64", "--max_prompt_length", "40", "--policy_lr", "1e-3",
-            "--log_every_steps", "2", "--eval_every_steps", "0", "--seed", "1", "--precision", "fp32", *extra]
+            "--log_every_steps", "2", "--eval_every_steps", "0", "--seed", "1", "--precision", "fp32",
+            "--keep_checkpoints", *extra]
 
 
 @pytest.mark.slow
@@ -30,11 +31,16 @@ def test_train_save_evaluate_round_trip(tiny_qwen2_dir, tmp_path):
                       "--max_steps", "4", "--beta_head_lr", "1e-2"))
     final = out / "final"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "beta_head.safetensors",
-                 "trainer_state.pt", "run_config.json", "COMPLETED"):
+                 "run_config.json", "README.md", "COMPLETED"):
         assert (final / name).exists(), name
+    assert not (final / "trainer_state.pt").exists()  # the model to deploy holds no optimizer state
+    assert (out / "checkpoints" / "step_4" / "trainer_state.pt").exists()  # --keep_checkpoints: the last state
+    card = (final / "README.md").read_text()
+    assert f"base_model: {tiny_qwen2_dir}" in card and "Learnable-beta DPO" in card and "python train.py" in card
+    assert "rewards/accuracies" in card
     for name in ("config.json", "data_report.json", "metrics.jsonl"):
         assert (out / name).exists(), name
-    assert any(n.startswith("events") for n in os.listdir(out / "tb"))
+    assert any(n.startswith("events") for _, _, files in os.walk(out / "tb") for n in files)
 
     # the policy is a plain Hugging Face checkpoint, and it changed
     policy = AutoModelForCausalLM.from_pretrained(str(final))
@@ -99,8 +105,8 @@ def test_resume_is_exact(tiny_qwen2_dir, tmp_path):
         assert ta.keys() == tb.keys()
         for k in ta:
             assert torch.equal(ta[k], tb[k]), (name, k)
-    sa = torch.load(a / "trainer_state.pt", weights_only=True)
-    sb = torch.load(b / "trainer_state.pt", weights_only=True)
+    sa = torch.load(full / "checkpoints" / "step_4" / "trainer_state.pt", weights_only=True)
+    sb = torch.load(part / "checkpoints" / "step_4" / "trainer_state.pt", weights_only=True)
     assert sa["step"] == sb["step"] == 4
     for i, st in sa["optimizer"]["state"].items():
         for k, v in st.items():
@@ -209,7 +215,7 @@ def test_resume_applies_new_learning_rate_and_refuses_new_data_order(tiny_qwen2_
         train.main(common(tiny_qwen2_dir, out, "--max_steps", "6", "--resume_from", "auto", "--batch_size", "4"))
     train.main(common(tiny_qwen2_dir, out, "--max_steps", "6", "--resume_from", "auto", "--policy_lr", "1e-4",
                       "--lr_scheduler", "constant", "--warmup_ratio", "0"))
-    state = torch.load(out / "final" / "trainer_state.pt", weights_only=True)
+    state = torch.load(out / "checkpoints" / "step_6" / "trainer_state.pt", weights_only=True)
     assert {g["lr"] for g in state["optimizer"]["param_groups"]} == {1e-4}
 
 
@@ -233,7 +239,7 @@ def test_beta_dpo_mode_trains_and_resumes_exactly(tiny_qwen2_dir, tmp_path):
     assert sa == sb and sa["calls"] == 4 and sa["m0"] != 0.0
     lines = [json.loads(x) for x in open(full / "metrics.jsonl") if '"train"' in x]
     assert lines[-1]["beta/std"] < 1e-6  # one beta per batch
-    os.remove(full / "final" / "trainer_state.pt")  # what experiments.py prune does
+    assert not (full / "final" / "trainer_state.pt").exists()  # final/ has no optimizer state
     metrics = evaluate.main(["--ckpt", str(full / "final")])
     assert metrics["pairs"] == 8
 

@@ -11,6 +11,11 @@ from the run's starting model, then reports DPO loss, reward accuracy, rewards a
 (with the fixed beta0 and with the beta the run used) and beta / PPL statistics. Prints a table
 and writes eval.json and eval.md into the checkpoint directory.
 By default the data are the run's own held-out split, rebuilt from its run_config.json.
+
+    python evaluate.py --ckpt runs/demo/final --num_samples 8
+
+also writes samples.md and samples.jsonl: the policy's and the reference's (the starting model's)
+responses to the first 8 held-out prompts, greedy, with each pair's beta and margin.
 """
 
 import argparse
@@ -19,7 +24,7 @@ import sys
 from beta_head import eval_metrics, run_eval
 from data import DataError, build_examples, load_rows, load_splits
 from model_loader import (add_reference_cache, autocast_dtype, build_model, load_tokenizer, make_accelerator,
-                          read_run_config, write_eval)
+                          read_run_config, write_eval, write_samples)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -37,9 +42,18 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                    help="default: the precision the run trained in (its --precision, 'auto' decided on this "
                         "machine), so the numbers match training's own evaluation")
+    p.add_argument("--num_samples", type=int, default=0,
+                   help="also write samples.md / samples.jsonl (NAME_samples.* with another --out_name): the policy's "
+                        "and the reference's responses to this many held-out prompts, with their beta and margin (0 = off)")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="samples: the longest response, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="samples: 0 = greedy, else sample at this temperature")
+    p.add_argument("--top_p", type=float, default=1.0, help="samples: nucleus sampling's probability mass (temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="samples: seed of the sampling (temperature > 0)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_examples < 0:
         p.error("--batch_size must be >= 1 and --max_examples >= 0")
+    if args.num_samples < 0 or args.max_new_tokens < 1 or not args.temperature >= 0 or not 0 < args.top_p <= 1:
+        p.error("need --num_samples >= 0, --max_new_tokens >= 1, --temperature >= 0 and 0 < --top_p <= 1")
     return args
 
 
@@ -77,6 +91,11 @@ def main(argv=None):
     if accelerator.is_main_process:
         write_eval(args.ckpt, stats, metrics, report, f"{len(examples)} held-out pairs (skipped {report['skipped']}), "
                    f"beta_mode={cfg['beta_mode']}, beta0={cfg['beta']}.", vars(args), args.out_name)
+        if args.num_samples:
+            write_samples(args.ckpt, accelerator.unwrap_model(model), tokenizer, examples, stats, cfg, accelerator,
+                          args.num_samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          name="samples" if args.out_name == "eval" else args.out_name + "_samples")
     return metrics
 
 

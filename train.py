@@ -46,7 +46,7 @@ from beta_head import DynamicBetaDPOModel, eval_metrics, run_eval, summarize
 from data import THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, load_splits
 from model_loader import (DEFAULT_MODEL, TRACKERS, add_reference_cache, autocast_dtype, build_model, complete_checkpoints,
                           is_complete, load_tokenizer, load_trainer_state, make_accelerator, model_card, prune_checkpoints,
-                          read_run_config, save_checkpoint, write_eval)
+                          read_run_config, save_checkpoint, write_eval, write_samples)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -152,6 +152,9 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--log_every_steps", type=int, default=10, help="log train metrics every this many steps")
     g.add_argument("--eval_every_steps", type=int, default=100, help="evaluate every this many steps (0 = only at the end)")
     g.add_argument("--eval_batch_size", type=int, default=8, help="pairs per eval forward per process")
+    g.add_argument("--num_samples", type=int, default=0,
+                   help="at the end, write final/samples.md and samples.jsonl: the policy's and the reference's greedy "
+                        "responses to this many held-out prompts, with their beta and margin (0 = off)")
     g.add_argument("--save_every_steps", type=int, default=500, help="checkpoint every this many steps (0 = only final)")
     g.add_argument("--save_total_limit", type=int, default=2, help="keep this many step checkpoints (0 = all)")
     g.add_argument("--keep_checkpoints", action="store_true",
@@ -256,7 +259,7 @@ def check_args(args, p) -> None:
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1; got {getattr(args, flag)}")
     for flag in ("eval_every_steps", "save_every_steps", "save_total_limit", "max_steps", "max_train_examples",
-                 "max_eval_examples"):
+                 "max_eval_examples", "num_samples"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} must be >= 0; got {getattr(args, flag)}")
     if args.fsdp != "none" and args.lora_r:
@@ -267,6 +270,9 @@ def check_args(args, p) -> None:
     unknown = [r for r in args.report_to if r not in TRACKERS]
     if unknown:
         p.error(f"--report_to: unknown tracker {unknown}; use tensorboard, wandb, mlflow, trackio or none")
+    if args.fsdp != "none" and args.num_samples:
+        p.error("--num_samples with --fsdp is not supported (one process generates): drop it and run "
+                "evaluate.py --ckpt runs/NAME/final --num_samples N after training")
     if (args.lora_r == 0) and args.merge_lora:
         p.error("--merge_lora needs --lora_r > 0")
     if args.lora_r < 0:
@@ -691,6 +697,9 @@ def finish(run: Run, eval_examples: list[dict], eval_report: dict, command: str)
     if accelerator.is_main_process:
         write_eval(final, stats, metrics, eval_report, f"{eval_report['kept']} held-out pairs, evaluated at the end "
                    f"of training, beta_mode={args.beta_mode}, beta0={args.beta}.", dict(ckpt=final))
+        if args.num_samples:
+            write_samples(final, run.raw, run.tokenizer, eval_examples, stats, vars(args), accelerator, args.num_samples,
+                          args.eval_batch_size)
         if args.merge_lora:
             merged = os.path.join(final, "merged")
             run.raw.policy_model.merge_and_unload().save_pretrained(merged, safe_serialization=True)

@@ -278,7 +278,28 @@ class BetaHead(nn.Module):
         return head
 
 
-class BetaDPO:
+class JsonState:
+    """Running statistics kept as a small JSON file beside the weights (FILE): evaluation needs
+    some of them, resume all. Subclasses give state_dict() / load_state_dict() and FILE, WHAT."""
+    FILE, WHAT = "", ""
+
+    def save_pretrained(self, directory: str) -> None:
+        with open(os.path.join(directory, self.FILE), "w") as f:
+            json.dump(self.state_dict(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str):
+        path = os.path.join(directory, cls.FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{directory} has no {cls.FILE} ({cls.WHAT}): it is not a checkpoint of this "
+                                    "beta mode, was written before the file existed, or the file was lost; retrain")
+        state = cls()
+        with open(path) as f:
+            state.load_state_dict(json.load(f))
+        return state
+
+
+class BetaDPO(JsonState):
     """Batch-level dynamic beta with data filtering: beta-DPO (Wu et al. 2024, arXiv 2407.08639),
     following the authors' code (junkangwu/beta-DPO, trainers.py: preference_loss and
     update_and_sync_tensor_mean). Per micro-batch, over the pairs of ALL processes (gathered):
@@ -299,6 +320,8 @@ class BetaDPO:
     beta0 * (1 + alpha * (mean(A) - M0)). The floor of beta (the authors' 1e-3) is the model's
     beta_min.
     """
+
+    FILE, WHAT = "beta_dpo.json", "M0, sigma and the draw count of a beta_dpo run"
 
     def __init__(self, alpha: float = 0.6, rho: float = 0.8, momentum: float = 0.9, seed: int = 0):
         self.alpha, self.rho, self.momentum, self.seed = alpha, rho, momentum, seed
@@ -330,21 +353,6 @@ class BetaDPO:
         for k, v in state.items():
             setattr(self, k, v)
 
-    def save_pretrained(self, directory: str) -> None:
-        """beta_dpo.json beside the weights: evaluation needs M0, resume all of it."""
-        with open(os.path.join(directory, "beta_dpo.json"), "w") as f:
-            json.dump(self.state_dict(), f, indent=2)
-
-    @classmethod
-    def from_pretrained(cls, directory: str) -> "BetaDPO":
-        path = os.path.join(directory, "beta_dpo.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{directory} has no beta_dpo.json (M0 and sigma of a beta_dpo run): it was "
-                                    "written before beta_dpo.json existed, or the file was lost; retrain")
-        bd = cls()
-        with open(path) as f:
-            bd.load_state_dict(json.load(f))
-        return bd
 
 
 def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -890,7 +898,7 @@ def epsilon_dpo_baseline(beta: float, epsilon: float, n_down: int, n_up: int, n:
     raise ValueError(f"mean must be 'harmonic' or 'arithmetic'; got {mean!r}")
 
 
-class EpsilonDPO:
+class EpsilonDPO(JsonState):
     """The running state of ε-DPO: the baseline beta, which moves after every optimizer step, and the
     decisions counted since the last move. See the section comment above for the method.
 
@@ -911,6 +919,8 @@ class EpsilonDPO:
     Departures from the authors' code: the mean runs over pairs, not over micro-batch means (the same
     when micro-batches are equal in size), and the rounding-exact mix of mixed_token_logps.
     """
+
+    FILE, WHAT = "epsilon_dpo.json", "the running beta of an epsilon_dpo run"
 
     def __init__(self, beta: float = 0.1, epsilon: float = 0.01, step_epsilon: float | None = None,
                  mean: str = "harmonic"):
@@ -966,19 +976,3 @@ class EpsilonDPO:
             setattr(self, k, v)
         if self.pending is not None:
             self.pending = torch.tensor(self.pending, dtype=torch.long)
-
-    def save_pretrained(self, directory: str) -> None:
-        """epsilon_dpo.json beside the weights: evaluation needs the baseline beta, resume all of it."""
-        with open(os.path.join(directory, "epsilon_dpo.json"), "w") as f:
-            json.dump(self.state_dict(), f, indent=2)
-
-    @classmethod
-    def from_pretrained(cls, directory: str) -> "EpsilonDPO":
-        path = os.path.join(directory, "epsilon_dpo.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{directory} has no epsilon_dpo.json (the running beta of an ε-DPO run): it "
-                                    "is not an ε-DPO checkpoint, or the file was lost; retrain")
-        eps = cls()
-        with open(path) as f:
-            eps.load_state_dict(json.load(f))
-        return eps

@@ -12,13 +12,14 @@ a learnable beta costs no extra forward pass.
 Everything here is device- and precision-agnostic: train.py and evaluate.py decide those.
 
 dpo_loss also takes cDPO's label smoothing. The last section holds ε-DPO (Lee et al. 2025, a
-per-pair beta from a perturbation test) as pure functions and a small state class, not yet used by
-DynamicBetaDPOModel.
+per-pair beta from a perturbation test) as pure functions and a small state class, which
+DynamicBetaDPOModel uses with epsilon_dpo=EpsilonDPO(...).
 """
 
 import json
 import math
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -373,7 +374,9 @@ class DynamicBetaDPOModel(nn.Module):
     """A policy, an optional BetaHead and a frozen reference, computing the DPO loss.
 
     beta_head=None is plain DPO with beta = `beta` everywhere, through the same code path;
-    beta_dpo=BetaDPO(...) is the batch-level dynamic beta of beta-DPO, the published baseline.
+    beta_dpo=BetaDPO(...) is the batch-level dynamic beta of beta-DPO, the published baseline;
+    epsilon_dpo=EpsilonDPO(...) the per-pair beta of ε-DPO (it needs the reference model, not a
+    cache). label_smoothing > 0 is cDPO's loss (dpo_loss), in any mode.
     The reference is kept outside the module tree (so it is never in state_dict(), the optimizer
     or a DDP wrapper); the caller places it on the device.
 
@@ -462,12 +465,19 @@ class DynamicBetaDPOModel(nn.Module):
         """Sequence log-probs (N,) of the response tokens under the reference. With no reference
         model and a LoRA (peft) policy, the reference is the policy with its adapters disabled.
         pack: the batch's pair_layout, when it has one."""
+        with self.as_reference() as reference:
+            return sequence_logps(reference, input_ids, attention_mask, loss_mask, pack)
+
+    @contextmanager
+    def as_reference(self):
+        """The reference as a causal LM: the frozen copy, or a LoRA policy with its adapters off."""
         if self.reference_model is not None:
-            return sequence_logps(self.reference_model, input_ids, attention_mask, loss_mask, pack)
-        if hasattr(self.policy_model, "disable_adapter"):
+            yield self.reference_model
+        elif hasattr(self.policy_model, "disable_adapter"):
             with self.policy_model.disable_adapter():
-                return sequence_logps(self.policy_model, input_ids, attention_mask, loss_mask, pack)
-        raise ValueError("no reference: pass reference_model, a LoRA policy, or reference_logps")
+                yield self.policy_model
+        else:
+            raise ValueError("no reference: pass reference_model, a LoRA policy, or reference_logps")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                 prompt_mask: torch.Tensor, reference_logps: torch.Tensor | None = None):
@@ -539,17 +549,12 @@ class DynamicBetaDPOModel(nn.Module):
         sequence log-probs (2B,)). One lm_head pass over the response tokens gives the policy under
         beta/(1+eps), beta, beta/(1-eps) and the reference itself (lam = 0)."""
         B = input_ids.shape[0] // 2
-        reference, head_model = self.reference_model, self.reference_model
-        if reference is None:  # LoRA: the policy with its adapters off
-            with self.policy_model.disable_adapter():
-                ref_hidden = run_model(self.policy_model, input_ids, attention_mask, pack)
-            head_model = self.policy_model
-        else:
+        with self.as_reference() as reference:
             ref_hidden = run_model(reference, input_ids, attention_mask, pack)
+            ref_head = reference.get_output_embeddings()  # LoRA leaves lm_head alone: the base one
         response = loss_mask[:, 1:].bool()
         mixed = mixed_token_logps(hidden.detach(), self.policy_model.get_output_embeddings(), ref_hidden,
-                                  head_model.get_output_embeddings(), input_ids, response,
-                                  self.epsilon_dpo.coefs + (0.0,))
+                                  ref_head, input_ids, response, self.epsilon_dpo.coefs + (0.0,))
         seq = (mixed * response).sum(-1)  # (4, 2B)
         beta, steps = self.epsilon_dpo(seq[:3, :B], seq[:3, B:], self.training)
         return beta, steps, seq[3]

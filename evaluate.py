@@ -21,6 +21,8 @@ responses to the first 8 held-out prompts, greedy, with each pair's beta and mar
 import argparse
 import sys
 
+import torch
+
 from beta_head import eval_metrics, run_eval
 from data import DataError, build_examples, load_rows, load_splits
 from model_loader import (add_reference_cache, autocast_dtype, build_model, load_tokenizer, make_accelerator,
@@ -75,7 +77,10 @@ def eval_examples(args, cfg: dict, tokenizer) -> tuple[list[dict], dict]:
 def main(argv=None):
     args = get_args(argv)
     cfg = read_run_config(args.ckpt)
-    accelerator = make_accelerator(args.precision or cfg.get("precision", "auto"))
+    precision = args.precision or cfg.get("precision", "auto")
+    if precision == "auto" and not args.precision:  # recorded before train.py resolved it: the rule of then
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    accelerator = make_accelerator(precision)
     tokenizer = load_tokenizer(args.ckpt)
     examples, report = eval_examples(args, cfg, tokenizer)
     model = build_model(cfg, accelerator.device, autocast_dtype(accelerator), ckpt=args.ckpt, training=False)

@@ -228,17 +228,18 @@ def study_data(data: str, runs_dir: str, results_dir: str) -> dict[str, str]:
     parts = dict(test=order[:n_test], validation=order[n_test:n_test + n_val], train=order[n_test + n_val:])
     out_dir = os.path.join(runs_dir, "study", "data")
     os.makedirs(out_dir, exist_ok=True)
-    paths, manifest = {}, dict(source=os.path.relpath(data, HERE) if os.path.isabs(data) else data, **STUDY_SPLITS)
+    manifest, texts = dict(source=os.path.relpath(data, HERE) if os.path.isabs(data) else data, **STUDY_SPLITS), {}
     for split, idx in parts.items():
-        text = "".join(json.dumps(rows[i], sort_keys=True) + "\n" for i in idx)
-        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
-        write_text(paths[split], text)
-        manifest[split] = dict(rows=len(idx), sha256=hashlib.sha256(text.encode()).hexdigest())
+        texts[split] = "".join(json.dumps(rows[i], sort_keys=True) + "\n" for i in idx)
+        manifest[split] = dict(rows=len(idx), sha256=hashlib.sha256(texts[split].encode()).hexdigest())
     recorded = os.path.join(results_dir, "study", "splits.json")
-    if os.path.exists(recorded) and json.load(open(recorded)) != manifest:
+    if os.path.exists(recorded) and json.load(open(recorded)) != manifest:  # before anything is overwritten
         sys.exit(f"error: the study's splits differ from the ones recorded in {recorded}; the data changed")
     os.makedirs(os.path.dirname(recorded), exist_ok=True)
     write_json(recorded, manifest)
+    paths = {split: os.path.join(out_dir, f"{split}.jsonl") for split in parts}
+    for split, text in texts.items():
+        write_text(paths[split], text)
     return paths
 
 
@@ -355,7 +356,7 @@ def run_e2(modes: list[str], betas: list[float], extra: list[str], results_dir: 
                 continue
             run_dir = os.path.join(runs_dir, "e2", name)
             config = dict(dataset=pairs, model_name_or_path=model, **E2_TRAIN, beta=beta, **MODES[mode], seed=0)
-            argv = flags(config) + extra
+            argv = flags(config) + extra + (["--keep_checkpoints"] if keep else [])
             print(f"[e2] {name}: training ({run_dir}/train.log)", flush=True)
             t0 = time.time()
             curves = train_run(run_dir, argv)
@@ -768,7 +769,10 @@ if __name__ == "__main__":
                         "final/ only, ~0.5 GB for SmolLM2)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every run (last)")
     args = p.parse_args()
-    args.modes = args.modes or list(PRECISION_MODES if args.experiment == "bf16" else MODES)
+    valid = PRECISION_MODES if args.experiment == "bf16" else MODES
+    args.modes = args.modes or list(valid)
+    if any(m not in valid for m in args.modes):
+        p.error(f"--modes of {args.experiment}: choose from {list(valid)}")
     if args.command == "data":
         data_stats(args.data, args.results_dir)
     elif args.command == "run" and args.experiment == "study":

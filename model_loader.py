@@ -256,6 +256,8 @@ def build_model(cfg: dict, device: torch.device, dtype: torch.dtype | None, ckpt
             epsilon_dpo = EpsilonDPO(beta=cfg["beta"], epsilon=cfg["epsilon_dpo_epsilon"])
     if beta_dpo is not None and "beta_dpo_alpha" in cfg:  # like learning rates: this run's, also on resume
         beta_dpo.alpha, beta_dpo.rho = cfg["beta_dpo_alpha"], cfg["beta_dpo_rho"]
+    if epsilon_dpo is not None and "epsilon_dpo_epsilon" in cfg:  # the same; its running beta is the saved one
+        epsilon_dpo.epsilon = cfg["epsilon_dpo_epsilon"]
     if training and cfg.get("gradient_checkpointing"):
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = DynamicBetaDPOModel(policy, head, reference, cfg["beta"], cfg["beta_min"], cfg["beta_max"],
@@ -318,6 +320,7 @@ def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], cache_
 #   the tokenizer     its files, as the run used it
 #   the beta state    beta_head.safetensors (learnable), beta_dpo.json (beta_dpo) or epsilon_dpo.json
 #   TRAINER_STATE     optimizer, step, examples_seen, skipped_steps, num_processes, RNG states
+#                     (step checkpoints only: final/ is the model to deploy, without it)
 #   RUN_CONFIG        the run's flags
 #   COMPLETED         written last: a directory without it is never read
 
@@ -443,8 +446,9 @@ def prune_checkpoints(run_dir: str, keep: int) -> None:
 
 
 def drop_resume_state(run_dir: str) -> None:
-    """Delete what only resuming a run needs: its step checkpoints and final/'s trainer state.
-    final/ keeps the policy, the beta state and eval.json."""
+    """Delete what only resuming a run needs: its step checkpoints (and, in runs written before
+    final/ stopped holding one, final/'s trainer state). final/ keeps the policy, the beta state and
+    eval.json."""
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
     state = os.path.join(run_dir, "final", TRAINER_STATE)
     if os.path.exists(state):
@@ -593,11 +597,10 @@ def reference_for_generation(model: DynamicBetaDPOModel, cfg: dict, device: torc
     frozen reference when it is in memory; for LoRA the policy with its adapters disabled; after
     --precompute_ref dropped the reference, the starting model (cfg's) loaded again for the
     duration (the evaluation itself ran on cached log-probs)."""
-    if model.reference_model is not None:
-        yield model.reference_model, "the starting model (the run's frozen reference)"
-    elif hasattr(model.policy_model, "disable_adapter"):
-        with model.policy_model.disable_adapter():
-            yield model.policy_model, "the starting model (the policy with its LoRA adapters disabled)"
+    if model.reference_model is not None or hasattr(model.policy_model, "disable_adapter"):
+        with model.as_reference() as reference:
+            yield reference, ("the starting model (the run's frozen reference)" if model.reference_model is not None
+                              else "the starting model (the policy with its LoRA adapters disabled)")
     else:
         base = load_policy(cfg["model_name_or_path"], cfg["gguf_file"], cfg["trust_remote_code"]).to(device)
         yield base, f"the starting model {cfg['model_name_or_path']}, loaded again (--precompute_ref had dropped it)"

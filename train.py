@@ -15,7 +15,8 @@ Resume the newest complete checkpoint of a run:
     python train.py <same flags> --resume_from auto
 
 Writes runs/NAME/: config.json (these flags), data_report.json, metrics.jsonl, tb/ (TensorBoard),
-checkpoints/step_N/ and final/ (what a checkpoint holds: model_loader.py, "checkpoints").
+checkpoints/step_N/ (the resumable state; a finished run deletes them unless --keep_checkpoints) and
+final/ (the model to deploy: no optimizer state); what each holds: model_loader.py, "checkpoints".
 
 Reading order: main() tells the story; each step it names is a function below it: set up the run
 directory, load and tokenise the data, build the model (model_loader.build_model), make the optimizer,
@@ -44,9 +45,9 @@ from tqdm import tqdm
 
 from beta_head import DynamicBetaDPOModel, eval_metrics, run_eval, summarize
 from data import THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, load_splits
-from model_loader import (DEFAULT_MODEL, TRACKERS, add_reference_cache, autocast_dtype, build_model, complete_checkpoints,
-                          is_complete, load_tokenizer, load_trainer_state, make_accelerator, model_card, prune_checkpoints,
-                          read_run_config, save_checkpoint, write_eval, write_samples)
+from model_loader import (DEFAULT_MODEL, TRACKERS, TRAINER_STATE, add_reference_cache, autocast_dtype, build_model,
+                          complete_checkpoints, is_complete, load_tokenizer, load_trainer_state, make_accelerator,
+                          model_card, prune_checkpoints, read_run_config, save_checkpoint, write_eval, write_samples)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -326,6 +327,9 @@ def resolve_resume(args) -> str | None:
         return ckpts[-1] if ckpts else None
     if not is_complete(args.resume_from):
         raise DataError(f"--resume_from {args.resume_from}: not a complete checkpoint (no COMPLETED marker)")
+    if not os.path.exists(os.path.join(args.resume_from, TRAINER_STATE)):
+        raise DataError(f"--resume_from {args.resume_from}: holds no optimizer state (final/ is the model to "
+                        "deploy); resume from checkpoints/step_N, which --keep_checkpoints keeps after a run")
     return args.resume_from
 
 
@@ -367,6 +371,7 @@ def main(argv=None):
     accelerator.print(f"training {run.max_steps} steps of {run.global_batch} pairs ({args.batch_size} x "
                       f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation)")
     train_iter, window = iter(loader), []
+    run.log_start = time.time()  # tokens_per_s counts training steps only
     pbar = tqdm(total=run.max_steps, initial=run.step, disable=not accelerator.is_main_process, desc="train")
     with StopSignal() as stop:
         while run.step < run.max_steps:
@@ -437,6 +442,9 @@ def check_launch(args, accelerator: Accelerator) -> None:
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
         raise DataError(f"accelerate's {accelerator.distributed_type.name} is not supported: launch with "
                         "configs/ddp.yaml (or torchrun) and shard with train.py's own --fsdp full_shard|shard_grad_op")
+    if args.fsdp != "none" and accelerator.mixed_precision == "bf16":
+        raise DataError("--fsdp runs the policy without autocast (bf16 autocast is not wired for the sharded "
+                        "model): pass --precision fp32 with --fsdp, or drop --fsdp")
     if args.fsdp != "none" and accelerator.num_processes < 2:
         raise DataError("--fsdp shards across processes: launch 2 or more (torchrun --nproc_per_node N or "
                         "accelerate launch --config_file configs/ddp.yaml), or drop --fsdp")

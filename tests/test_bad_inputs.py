@@ -56,7 +56,7 @@ def fixed_ckpt(tiny_qwen2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fixed_run") / "run"
     train.main(["--model_name_or_path", tiny_qwen2_dir, "--dataset", "demo", "--output_dir", str(out),
                 "--max_steps", "1", "--batch_size", "2", "--max_length", "64", "--max_prompt_length", "40",
-                "--max_eval_examples", "2", "--eval_every_steps", "0", "--precision", "fp32"])
+                "--max_eval_examples", "2", "--eval_every_steps", "0", "--precision", "fp32", "--keep_checkpoints"])
     return out
 
 
@@ -152,11 +152,14 @@ CASES = [
         base_flags(c.model, c.tmp / "r", "--resume_from", str(mkdir(c.tmp / "half"))))),
      "not a complete checkpoint (no COMPLETED marker)"),
     ("checkpoint from a different model", lambda c: raised(lambda: train.main(base_flags(
-        "smollm2-135m-instruct", c.tmp / "r2", "--resume_from", str(c.fixed / "final")))),
+        "smollm2-135m-instruct", c.tmp / "r2", "--resume_from", str(c.fixed / "checkpoints" / "step_1")))),
      "has model_name_or_path="),
     ("learnable resume from a fixed-beta checkpoint", lambda c: raised(lambda: train.main(base_flags(
-        c.model, c.tmp / "r3", "--beta_mode", "learnable", "--resume_from", str(c.fixed / "final")))),
+        c.model, c.tmp / "r3", "--beta_mode", "learnable", "--resume_from", str(c.fixed / "checkpoints" / "step_1")))),
      "has beta_mode='fixed' but this run has 'learnable'"),
+    ("--resume_from final/, the model to deploy", lambda c: raised(lambda: train.main(base_flags(
+        c.model, c.tmp / "r6", "--resume_from", str(c.fixed / "final")))),
+     "holds no optimizer state (final/ is the model to deploy)"),
     ("checkpoint missing its BetaHead", lambda c: raised(lambda: evaluate.main(["--ckpt", str(learnable_without_head(c))])),
      "has no beta_head.safetensors"),
     ("evaluate --ckpt whose run_config.json is {}", lambda c: raised(lambda: evaluate.main(

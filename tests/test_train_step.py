@@ -84,7 +84,7 @@ def test_non_finite_weights_stop_the_run(tiny_qwen2_dir, tmp_path):
         train.check_weights(run)
 
 
-@pytest.mark.parametrize("mode", ["learnable", "beta_dpo", "lora"])
+@pytest.mark.parametrize("mode", ["learnable", "beta_dpo", "epsilon_dpo", "lora"])
 def test_checkpoint_round_trip(tiny_qwen2_dir, tmp_path, mode):
     flags = ("--beta_mode", "learnable", "--lora_r", "4") if mode == "lora" else ("--beta_mode", mode)
     run, batches = setup(tiny_qwen2_dir, tmp_path, *flags)
@@ -103,6 +103,10 @@ def test_checkpoint_round_trip(tiny_qwen2_dir, tmp_path, mode):
         assert loaded_params[n].requires_grad == p.requires_grad, n  # LoRA: adapters trainable, base frozen
     if mode == "beta_dpo":
         assert loaded.beta_dpo.state_dict() == run.raw.beta_dpo.state_dict()
+    if mode == "epsilon_dpo":  # the running beta comes back; epsilon, like a learning rate, is this run's flag
+        assert loaded.epsilon_dpo.state_dict() == run.raw.epsilon_dpo.state_dict()
+        again = build_model(dict(vars(run.args), epsilon_dpo_epsilon=0.05), run.accelerator.device, None, ckpt=path)
+        assert again.epsilon_dpo.epsilon == 0.05 and again.epsilon_dpo.beta == run.raw.epsilon_dpo.beta
     # the reference is the starting model, not the checkpoint's policy
     ids = batches[0]["input_ids"][:1]
     ref = loaded.reference_logps(ids, torch.ones_like(ids), torch.ones_like(ids))

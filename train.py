@@ -224,35 +224,7 @@ def check_args(args, p) -> None:
     for flag in ("adam_eps", "num_epochs", "lora_alpha", "mlp_hidden_size"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag} must be > 0; got {getattr(args, flag)}")
-    if args.beta_mode != "learnable":
-        if args.beta_head_lr is not None:
-            p.error("--beta_head_lr only applies to --beta_mode learnable")
-        if args.beta_reg or args.beta_grad_to_policy or args.ppl_transform != "ppl":
-            p.error("--beta_reg, --beta_grad_to_policy and --ppl_transform only apply to --beta_mode learnable")
-    if args.beta_mode == "epsilon_dpo" and args.precompute_ref:
-        p.error("--beta_mode epsilon_dpo reads the reference model's logits at every response token: drop "
-                "--precompute_ref (its cache holds only sequence log-probs)")
-    if not 0 < args.epsilon_dpo_epsilon < 1 or not 0 <= args.label_smoothing < 0.5:
-        p.error(f"need 0 < --epsilon_dpo_epsilon < 1 and 0 <= --label_smoothing < 0.5; got "
-                f"{args.epsilon_dpo_epsilon} and {args.label_smoothing}")
-    if args.beta_mode in ("fixed", "epsilon_dpo"):
-        for flag in ("beta_min", "beta_max"):
-            if getattr(args, flag) is not None:
-                p.error(f"--{flag} only applies to --beta_mode learnable or beta_dpo")
-        args.beta_min, args.beta_max = 0.0, math.inf
-    else:
-        if args.beta_mode == "learnable":
-            args.beta_head_lr = 1e-3 if args.beta_head_lr is None else args.beta_head_lr
-        if not 0 < args.beta_dpo_rho <= 1:
-            p.error(f"--beta_dpo_rho must be in (0, 1]; got {args.beta_dpo_rho}")
-        if args.beta_mode == "learnable":
-            default_min, default_max = args.beta / 10, args.beta * 10
-        else:  # beta_dpo: the authors' floor 1e-3 and no ceiling
-            default_min, default_max = min(1e-3, args.beta / 10), math.inf
-        args.beta_min = default_min if args.beta_min is None else args.beta_min
-        args.beta_max = default_max if args.beta_max is None else args.beta_max
-        if not 0 <= args.beta_min < args.beta <= args.beta_max:
-            p.error(f"need 0 <= --beta_min < --beta <= --beta_max; got {args.beta_min}, {args.beta}, {args.beta_max}")
+    check_beta_flags(args, p)
     for flag in ("beta", "policy_lr", "batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag} must be > 0; got {getattr(args, flag)}")
@@ -293,6 +265,40 @@ def check_args(args, p) -> None:
     args.run_name = args.run_name or f"{args.beta_mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
 
+
+
+def check_beta_flags(args, p) -> None:
+    """The beta mode's flags: those of other modes are refused, the clamp gets its mode's default
+    (learnable: [beta/10, 10 beta]; beta_dpo: the authors' floor 1e-3, no ceiling; else none)."""
+    if args.beta_mode != "learnable":
+        if args.beta_head_lr is not None:
+            p.error("--beta_head_lr only applies to --beta_mode learnable")
+        if args.beta_reg or args.beta_grad_to_policy or args.ppl_transform != "ppl":
+            p.error("--beta_reg, --beta_grad_to_policy and --ppl_transform only apply to --beta_mode learnable")
+    if args.beta_mode == "epsilon_dpo" and args.precompute_ref:
+        p.error("--beta_mode epsilon_dpo reads the reference model's logits at every response token: drop "
+                "--precompute_ref (its cache holds only sequence log-probs)")
+    if not 0 < args.epsilon_dpo_epsilon < 1 or not 0 <= args.label_smoothing < 0.5:
+        p.error(f"need 0 < --epsilon_dpo_epsilon < 1 and 0 <= --label_smoothing < 0.5; got "
+                f"{args.epsilon_dpo_epsilon} and {args.label_smoothing}")
+    if args.beta_mode in ("fixed", "epsilon_dpo"):
+        for flag in ("beta_min", "beta_max"):
+            if getattr(args, flag) is not None:
+                p.error(f"--{flag} only applies to --beta_mode learnable or beta_dpo")
+        args.beta_min, args.beta_max = 0.0, math.inf
+    else:
+        if args.beta_mode == "learnable":
+            args.beta_head_lr = 1e-3 if args.beta_head_lr is None else args.beta_head_lr
+        if not 0 < args.beta_dpo_rho <= 1:
+            p.error(f"--beta_dpo_rho must be in (0, 1]; got {args.beta_dpo_rho}")
+        if args.beta_mode == "learnable":
+            default_min, default_max = args.beta / 10, args.beta * 10
+        else:  # beta_dpo: the authors' floor 1e-3 and no ceiling
+            default_min, default_max = min(1e-3, args.beta / 10), math.inf
+        args.beta_min = default_min if args.beta_min is None else args.beta_min
+        args.beta_max = default_max if args.beta_max is None else args.beta_max
+        if not 0 <= args.beta_min < args.beta <= args.beta_max:
+            p.error(f"need 0 <= --beta_min < --beta <= --beta_max; got {args.beta_min}, {args.beta}, {args.beta_max}")
 
 
 # what fixes a run's starting point and its training rows, their tokens and order (with the step):

@@ -203,16 +203,15 @@ def evaluate_on(run_dir: str, data: str, out_name: str) -> dict:
 # made on validation, the test split is evaluated once, on the final runs
 
 
-STUDY_SPLITS = dict(test=250, validation=200, seed=0)  # pairs per split; the rest trains
-STUDY = dict(model_name_or_path="smollm2-135m-instruct", max_length=256, max_prompt_length=192, batch_size=4,
-             gradient_accumulation_steps=2, warmup_ratio=0.1, log_every_steps=5, eval_every_steps=25,
-             eval_batch_size=8, save_every_steps=25, save_total_limit=1, precision="bf16", precompute_ref=True)
-# each phase: run name -> the flags it adds to STUDY (and the data); seeds are part of the name
-STUDY_PHASES = {
-    # training length and learning rate: fixed beta0 = 0.1, validation every 25 steps (1 epoch = ~190 steps)
-    "tune_lr": {f"fixed-lr{lr:g}-s0": dict(beta_mode="fixed", beta=0.1, policy_lr=lr, max_steps=200, seed=0)
-                for lr in (1e-5, 3e-5)},
-}
+def read_study(path: str = os.path.join(HERE, "configs", "study.yaml")) -> tuple[dict, dict, dict]:
+    """configs/study.yaml -> (splits, base flags of every run, phases: {phase: {run name: flags}})."""
+    import yaml
+    with open(path) as f:
+        study = yaml.safe_load(f)
+    return study["splits"], study["base"], study["phases"]
+
+
+STUDY_SPLITS, STUDY, STUDY_PHASES = read_study()
 
 
 def study_data(data: str, runs_dir: str, results_dir: str) -> dict[str, str]:

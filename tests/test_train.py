@@ -23,6 +23,19 @@ def common(model_dir, out, *extra):
             "--keep_checkpoints", *extra]
 
 
+def run_and_resume_from_step_2(model_dir, tmp_path, args, global_seed=None):
+    """Train `full` uninterrupted, then `part`: a run that stopped after step 2 (only its step-2
+    checkpoint exists), resumed with --resume_from auto. -> (full, part) run directories."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train.main(common(model_dir, full, *args))
+    os.makedirs(part / "checkpoints")
+    shutil.copytree(full / "checkpoints" / "step_2", part / "checkpoints" / "step_2")
+    if global_seed is not None:
+        torch.manual_seed(global_seed)
+    train.main(common(model_dir, part, *args, "--resume_from", "auto"))
+    return full, part
+
+
 @pytest.mark.slow
 def test_train_save_evaluate_round_trip(tiny_qwen2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -91,13 +104,7 @@ def test_resume_is_exact(tiny_qwen2_dir, tmp_path):
     metrics equal those of an uninterrupted run, bit for bit."""
     args = ["--beta_mode", "learnable", "--max_steps", "4", "--save_every_steps", "2", "--save_total_limit", "0",
             "--beta_head_lr", "1e-2", "--gradient_accumulation_steps", "2"]
-    full = tmp_path / "full"
-    train.main(common(tiny_qwen2_dir, full, *args))
-    # a run that stopped after step 2: only its step-2 checkpoint and metrics up to step 2 exist
-    part = tmp_path / "part"
-    os.makedirs(part / "checkpoints")
-    shutil.copytree(full / "checkpoints" / "step_2", part / "checkpoints" / "step_2")
-    train.main(common(tiny_qwen2_dir, part, *args, "--resume_from", "auto"))
+    full, part = run_and_resume_from_step_2(tiny_qwen2_dir, tmp_path, args)
 
     a, b = full / "final", part / "final"
     for name in ("model.safetensors", "beta_head.safetensors"):
@@ -225,13 +232,8 @@ def test_beta_dpo_mode_trains_and_resumes_exactly(tiny_qwen2_dir, tmp_path):
     optimizer state was pruned is still evaluable (M0 lives in beta_dpo.json beside the weights)."""
     args = ["--beta_mode", "beta_dpo", "--max_steps", "4", "--save_every_steps", "2", "--batch_size", "8",
             "--log_every_steps", "1", "--beta_dpo_rho", "0.8"]
-    full = tmp_path / "full"
-    train.main(common(tiny_qwen2_dir, full, *args))
-    part = tmp_path / "part"
-    os.makedirs(part / "checkpoints")
-    shutil.copytree(full / "checkpoints" / "step_2", part / "checkpoints" / "step_2")
-    torch.manual_seed(12345)  # the global RNG must not matter to the filter
-    train.main(common(tiny_qwen2_dir, part, *args, "--resume_from", "auto"))
+    # the global RNG must not matter to the filter
+    full, part = run_and_resume_from_step_2(tiny_qwen2_dir, tmp_path, args, global_seed=12345)
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa = json.load(open(full / "final" / "beta_dpo.json"))
@@ -250,12 +252,7 @@ def test_epsilon_dpo_mode_trains_and_resumes_exactly(tiny_qwen2_dir, tmp_path):
     epsilon_dpo.json and resumes exactly; evaluate.py reloads it."""
     args = ["--beta_mode", "epsilon_dpo", "--epsilon_dpo_epsilon", "0.2", "--label_smoothing", "0.1",
             "--max_steps", "4", "--save_every_steps", "2", "--log_every_steps", "1"]
-    full = tmp_path / "full"
-    train.main(common(tiny_qwen2_dir, full, *args))
-    part = tmp_path / "part"
-    os.makedirs(part / "checkpoints")
-    shutil.copytree(full / "checkpoints" / "step_2", part / "checkpoints" / "step_2")
-    train.main(common(tiny_qwen2_dir, part, *args, "--resume_from", "auto"))
+    full, part = run_and_resume_from_step_2(tiny_qwen2_dir, tmp_path, args)
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(part / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa = json.load(open(full / "final" / "epsilon_dpo.json"))

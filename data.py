@@ -357,6 +357,7 @@ def build_examples(rows: list, tokenizer, max_length: int, max_prompt_length: in
             skipped[e.reason] += 1
             first_bad.setdefault(e.reason, f"row {i}: {e}")
             continue
+        ex["row"], ex["prompt_truncated"] = i, "prompt_truncated" in ev  # for per-pair analyses
         examples.append(ex)
         events.update(ev)
     if not examples:

@@ -95,7 +95,7 @@ def main(argv=None):
     metrics = eval_metrics(stats, cfg["beta"], cfg["beta_min"], cfg["beta_max"], head)
     if accelerator.is_main_process:
         write_eval(args.ckpt, stats, metrics, report, f"{len(examples)} held-out pairs (skipped {report['skipped']}), "
-                   f"beta_mode={cfg['beta_mode']}, beta0={cfg['beta']}.", vars(args), args.out_name)
+                   f"beta_mode={cfg['beta_mode']}, beta0={cfg['beta']}.", vars(args), examples, args.out_name)
         if args.num_samples:
             write_samples(args.ckpt, accelerator.unwrap_model(model), tokenizer, examples, stats, cfg, accelerator,
                           args.num_samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

@@ -10,6 +10,9 @@ and against a known gold reward (E2).
     python experiments.py report e2
     python experiments.py run bf16 --seeds 0 1    # fixed and learnable in fp32 and bf16 (100 steps each)
     python experiments.py report bf16
+    python experiments.py run study --phase P     # the study of issue #13 (configs/study.yaml), one phase
+    python experiments.py run study --phase P --runs fixed-s1   # one run of it
+    python experiments.py report study --phase P
 
 `run` trains each configuration with train.py in its own process (resuming an interrupted run
 with --resume_from auto; train.py evaluates the final policy into final/eval.json) and writes one
@@ -47,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from beta_head import ppl_scale, sequence_logps
-from data import build_examples, collate, load_rows, load_splits
+from data import BadRow, build_examples, collate, load_rows, load_splits, normalize_row
 from model_loader import drop_resume_state, is_complete, load_policy, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -157,33 +160,57 @@ def run(exp: str, modes: list[str], seeds: list[int], data: str, extra: list[str
 
 
 def run_configs(exp: str, configs: dict[str, dict], extra: list[str], results_dir: str, runs_dir: str,
-                keep: bool = False, test_data: str | None = None) -> None:
-    """Train each named configuration (train.py evaluates it on its held-out split), and with
-    test_data evaluate its final policy there too; one result JSON per run in results_dir/exp/.
-    Finished runs (their JSON exists) are skipped; interrupted ones resume."""
+                keep: bool = False, test_data: dict[str, str] | None = None) -> None:
+    """Train each named configuration (train.py evaluates it on its held-out split), and evaluate
+    its final policy on each of test_data {name: pairs} too (result key = name); one result JSON per
+    run in results_dir/exp/. Finished runs (their JSON exists) are skipped; interrupted ones resume;
+    a configuration already trained by another study phase is reused (same_run)."""
     os.makedirs(os.path.join(results_dir, exp), exist_ok=True)
     for name, config in configs.items():
         result = os.path.join(results_dir, exp, name + ".json")
         if os.path.exists(result):
             print(f"[{exp}] {name}: done, skipped")
             continue
-        run_dir = os.path.join(runs_dir, exp, name)
         argv = flags(config) + extra + (["--keep_checkpoints"] if keep else [])
-        print(f"[{exp}] {name}: training ({run_dir}/train.log)", flush=True)
-        t0 = time.time()
-        curves = train_run(run_dir, argv)
-        with open(os.path.join(run_dir, "final", "eval.json")) as f:
-            ev = json.load(f)
-        out = dict(experiment=exp, name=name, mode=name.rsplit("-s", 1)[0], seed=config.get("seed", 0), config=config,
-                   flags=argv, wall_s=time.time() - t0, eval=ev["metrics"], per_pair=ev["per_pair"],
-                   data_report=ev["data_report"], curves=curves)
-        if test_data:  # the test split: evaluated once, on the final policy only
-            out["test"] = evaluate_on(run_dir, test_data, "eval_test")
+        earlier = same_run(config, argv, results_dir, runs_dir, exp)
+        if earlier:  # the same configuration trained in an earlier phase: its policy, not a re-run
+            out, run_dir = earlier
+            print(f"[{exp}] {name}: the same run as {out['experiment']}/{out['name']}, reused", flush=True)
+            out.update(reused_from=f"{out['experiment']}/{out['name']}", experiment=exp, name=name)
+        else:
+            run_dir = os.path.join(runs_dir, exp, name)
+            print(f"[{exp}] {name}: training ({run_dir}/train.log)", flush=True)
+            t0 = time.time()
+            curves = train_run(run_dir, argv)
+            with open(os.path.join(run_dir, "final", "eval.json")) as f:
+                ev = json.load(f)
+            out = dict(experiment=exp, name=name, mode=name.rsplit("-s", 1)[0], seed=config.get("seed", 0),
+                       config=config, flags=argv, wall_s=time.time() - t0, eval=ev["metrics"], per_pair=ev["per_pair"],
+                       data_report=ev["data_report"], curves=curves)
+        out["mode"] = name.rsplit("-s", 1)[0]
+        for split, data in (test_data or {}).items():  # extra held-out sets (the test split: the final policy, once)
+            out[split] = evaluate_on(run_dir, data, f"eval_{split}")
         write_json(result, out)
         if not keep:
             drop_resume_state(run_dir)
         print(f"[{exp}] {name}: held-out acc {out['eval']['rewards/accuracies']:.3f}, "
               f"loss@beta0 {out['eval']['loss_beta0']:.4f}, {out['wall_s'] / 60:.1f} min", flush=True)
+
+
+def same_run(config: dict, argv: list[str], results_dir: str, runs_dir: str, exp: str) -> tuple[dict, str] | None:
+    """(result, run directory) of a run of another study phase with exactly this command line whose
+    final policy is still on disk, else None: a study's phases share runs instead of repeating them
+    (a tuning run at the chosen setting is seed 0 of the headline comparison)."""
+    if not exp.startswith("study/"):
+        return None
+    for path in sorted(glob.glob(os.path.join(results_dir, "study", "*", "*.json"))):
+        other = json.load(open(path))
+        if other.get("experiment") == exp or other.get("reused_from") or other.get("flags") != argv:
+            continue
+        run_dir = os.path.join(runs_dir, other["experiment"], other["name"])
+        if is_complete(os.path.join(run_dir, "final")):
+            return {k: v for k, v in other.items() if k not in ("test", "validation_marked")}, run_dir
+    return None
 
 
 def evaluate_on(run_dir: str, data: str, out_name: str) -> dict:
@@ -203,21 +230,54 @@ def evaluate_on(run_dir: str, data: str, out_name: str) -> dict:
 # made on validation, the test split is evaluated once, on the final runs
 
 
-def read_study(path: str = os.path.join(HERE, "configs", "study.yaml")) -> tuple[dict, dict, dict]:
-    """configs/study.yaml -> (splits, base flags of every run, phases: {phase: {run name: flags}})."""
+def read_study(path: str = os.path.join(HERE, "configs", "study.yaml")) -> dict:
+    """configs/study.yaml -> {splits, base (flags of every run), e3 (the label noise), phases: {phase:
+    {run name: flags}}}."""
     import yaml
     with open(path) as f:
-        study = yaml.safe_load(f)
-    return study["splits"], study["base"], study["phases"]
+        return yaml.safe_load(f)
 
 
-STUDY_SPLITS, STUDY, STUDY_PHASES = read_study()
+STUDY_CONFIG = read_study()
+STUDY_SPLITS, STUDY, STUDY_PHASES, STUDY_E3 = (STUDY_CONFIG[k] for k in ("splits", "base", "phases", "e3"))
+
+
+def mark_prompt(row: dict, marker: str) -> dict | None:
+    """The row as {prompt, chosen, rejected} with marker put before its last user message (before
+    a plain-text prompt), or None when it has none (it is left as it is)."""
+    try:
+        prompt, chosen, rejected = normalize_row(row)
+    except BadRow:
+        return None
+    if isinstance(prompt, str):
+        return dict(prompt=marker + prompt, chosen=chosen, rejected=rejected)
+    if not any(m["role"] == "user" for m in prompt):
+        return None
+    last = max(i for i, m in enumerate(prompt) if m["role"] == "user")
+    prompt = [dict(m, content=marker + m["content"]) if i == last else m for i, m in enumerate(prompt)]
+    return dict(prompt=prompt, chosen=chosen, rejected=rejected)
+
+
+def label_noise(rows: list[dict], fraction: float, seed: int, marker: str) -> tuple[list[dict], list[int]]:
+    """E3's training data: a seeded `fraction` of the rows gets marker before its last user message
+    and its chosen and rejected swapped; the others are unchanged. -> (rows, indices of the noisy)."""
+    import random
+    order = [i for i in range(len(rows)) if mark_prompt(rows[i], marker) is not None]
+    random.Random(seed).shuffle(order)
+    noisy = sorted(order[:round(fraction * len(rows))])
+    out = list(rows)
+    for i in noisy:
+        m = mark_prompt(rows[i], marker)
+        out[i] = dict(m, chosen=m["rejected"], rejected=m["chosen"])
+    return out, noisy
 
 
 def study_data(data: str, runs_dir: str, results_dir: str) -> dict[str, str]:
     """Write the study's splits (a seeded shuffle of the pairs: test, validation, the rest train) to
     runs_dir/study/data/*.jsonl, derived from the shared data (never committed), and record their
-    sizes and content hashes in results_dir/study/splits.json. -> {split: path}."""
+    sizes and content hashes in results_dir/study/splits.json. E3's files come from the same
+    splits: e3_train (train with label noise on a marked subset, label_noise) and
+    validation_marked (every validation prompt marked, labels kept). -> {split: path}."""
     import hashlib
     import random
     rows = load_rows(data)
@@ -225,15 +285,21 @@ def study_data(data: str, runs_dir: str, results_dir: str) -> dict[str, str]:
     random.Random(STUDY_SPLITS["seed"]).shuffle(order)
     n_test, n_val = STUDY_SPLITS["test"], STUDY_SPLITS["validation"]
     parts = dict(test=order[:n_test], validation=order[n_test:n_test + n_val], train=order[n_test + n_val:])
+    parts = {split: [rows[i] for i in idx] for split, idx in parts.items()}
+    parts["e3_train"], noisy = label_noise(parts["train"], STUDY_E3["noisy_fraction"], STUDY_E3["seed"], STUDY_E3["marker"])
+    parts["validation_marked"] = [mark_prompt(r, STUDY_E3["marker"]) or r for r in parts["validation"]]
     out_dir = os.path.join(runs_dir, "study", "data")
     os.makedirs(out_dir, exist_ok=True)
     manifest, texts = dict(source=os.path.relpath(data, HERE) if os.path.isabs(data) else data, **STUDY_SPLITS), {}
-    for split, idx in parts.items():
-        texts[split] = "".join(json.dumps(rows[i], sort_keys=True) + "\n" for i in idx)
-        manifest[split] = dict(rows=len(idx), sha256=hashlib.sha256(texts[split].encode()).hexdigest())
+    for split, part in parts.items():
+        texts[split] = "".join(json.dumps(r, sort_keys=True) + "\n" for r in part)
+        manifest[split] = dict(rows=len(part), sha256=hashlib.sha256(texts[split].encode()).hexdigest())
+    manifest["e3_train"].update(STUDY_E3, noisy_rows=noisy)
     recorded = os.path.join(results_dir, "study", "splits.json")
-    if os.path.exists(recorded) and json.load(open(recorded)) != manifest:  # before anything is overwritten
-        sys.exit(f"error: the study's splits differ from the ones recorded in {recorded}; the data changed")
+    if os.path.exists(recorded):  # before anything is overwritten
+        old = json.load(open(recorded))
+        if any(old.get(k) != v for k, v in manifest.items() if k in old):
+            sys.exit(f"error: the study's splits differ from the ones recorded in {recorded}; the data changed")
     os.makedirs(os.path.dirname(recorded), exist_ok=True)
     write_json(recorded, manifest)
     paths = {split: os.path.join(out_dir, f"{split}.jsonl") for split in parts}
@@ -242,14 +308,22 @@ def study_data(data: str, runs_dir: str, results_dir: str) -> dict[str, str]:
     return paths
 
 
-def run_study(phase: str, data: str, extra: list[str], results_dir: str, runs_dir: str, keep: bool = False) -> None:
-    """One phase of the study (STUDY_PHASES). Tuning phases train on train and evaluate on
-    validation; the final phases also evaluate the test split, once."""
+def run_study(phase: str, data: str, extra: list[str], results_dir: str, runs_dir: str, keep: bool = False,
+              only: list[str] | None = None) -> None:
+    """One phase of the study (STUDY_PHASES). Every run trains on train (E3's phases, named e3*, on
+    e3_train) and is evaluated on validation; the final phases (not named tune*) also evaluate the
+    test split, once, and E3's the marked validation prompts. only: these runs of the phase."""
+    unknown = sorted(set(only or []) - set(STUDY_PHASES[phase]))
+    if unknown:
+        sys.exit(f"error: --runs {unknown}: phase {phase} has {list(STUDY_PHASES[phase])}")
     paths = study_data(data, runs_dir, results_dir)
-    configs = {name: dict(dataset=paths["train"], eval_split=paths["validation"], **STUDY, **config)
-               for name, config in STUDY_PHASES[phase].items()}
-    run_configs(f"study/{phase}", configs, extra, os.path.join(results_dir), runs_dir, keep,
-                test_data=None if phase.startswith("tune") else paths["test"])
+    train = paths["e3_train" if phase.startswith("e3") else "train"]
+    configs = {name: dict(dataset=train, eval_split=paths["validation"], **{**STUDY, **config})
+               for name, config in STUDY_PHASES[phase].items() if not only or name in only}
+    held_out = {} if phase.startswith("tune") else dict(test=paths["test"])
+    if phase.startswith("e3"):
+        held_out["validation_marked"] = paths["validation_marked"]
+    run_configs(f"study/{phase}", configs, extra, results_dir, runs_dir, keep, held_out)
 
 
 # -----------------------------------------------------------------------------
@@ -743,6 +817,251 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
     fig_dir = os.path.join(results_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
     fig.savefig(os.path.join(fig_dir, f"study_{phase}.png"), dpi=110)
+    rows += ["", "The choice is made on the mean of the last three evaluations (one evaluation's binomial s.e. is "
+             f"about {math.sqrt(0.66 * 0.34 / results[0]['eval']['pairs']):.3f} in accuracy):", "",
+             "| run | validation accuracy, mean of the last 3 evaluations | validation loss@beta0, mean of the last 3 | minutes |",
+             "| --- | --- | --- | --- |"]
+    for r in results:
+        last = curve(r, "eval")[-3:]
+        rows.append(f"| {r['name']} | {sum(m['rewards/accuracies'] for m in last) / len(last):.3f} | "
+                    f"{sum(m['loss_beta0'] for m in last) / len(last):.4f} | {r['wall_s'] / 60:.1f} |")
+    write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
+    splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))
+    print("\n".join(rows))
+
+
+# -----------------------------------------------------------------------------
+# the study's final phases: the headline comparison on the test split, E3, the runaway
+
+T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883}
+TEST_KEYS = ("rewards/accuracies", "loss_beta0", "rewards_beta0/margins", "logratio/chosen", "logratio/rejected")
+
+
+def ranks(xs: list[float]) -> list[float]:
+    """Ranks 1..n, ties given their mean rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    out = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def pearson(a: list[float], b: list[float]) -> float:
+    n = len(a)
+    ma, mb = sum(a) / n, sum(b) / n
+    sab = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    saa, sbb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    return sab / math.sqrt(saa * sbb) if saa > 0 and sbb > 0 else float("nan")
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    return pearson(ranks(a), ranks(b))
+
+
+def residuals(y: list[float], covariates: list[list[float]]) -> list[float]:
+    """y minus its least-squares fit on the covariates (and an intercept)."""
+    X = torch.tensor([[1.0] + list(c) for c in zip(*covariates)], dtype=torch.float64)
+    t = torch.tensor(y, dtype=torch.float64)[:, None]
+    coef = torch.linalg.lstsq(X, t).solution
+    return (t - X @ coef)[:, 0].tolist()
+
+
+def partial_spearman(a: list[float], b: list[float], covariates: list[list[float]]) -> float:
+    """Spearman correlation of a and b with the covariates' (ranked) linear effect removed from both."""
+    cov = [ranks(c) for c in covariates]
+    return pearson(residuals(ranks(a), cov), residuals(ranks(b), cov))
+
+
+def auc(lower: list[float], higher: list[float]) -> float:
+    """P(a value of `lower` < a value of `higher`) (ties count half): 1 = always lower, 0.5 = no order."""
+    wins = sum((x < y) + 0.5 * (x == y) for x in lower for y in higher)
+    return wins / (len(lower) * len(higher))
+
+
+def fmt_ci(values: list[float], signed: bool = False, digits: int = 4) -> str:
+    m, ci = mean_ci(values)
+    out = f"{m:+.{digits}f}" if signed else f"{m:.{digits}f}"
+    return out + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
+
+
+def pair_bootstrap(diffs: list[list[float]], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean over seeds of the mean per-pair difference, resampling the test
+    pairs (the same resampled pairs for every seed): the test split's own sampling error."""
+    import random
+    rng, n = random.Random(seed), len(diffs[0])
+    means = []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        means.append(sum(sum(d[i] for i in idx) / n for d in diffs) / len(diffs))
+    means.sort()
+    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
+def pair_values(per_pair: dict, beta0: float) -> dict[str, list[float]]:
+    """Per-pair correctness (margin > 0) and loss at beta0 from a result's per-pair log-probs."""
+    m = margins(per_pair)
+    return {"rewards/accuracies": [float(x > 0) for x in m],
+            "loss_beta0": [math.log1p(math.exp(-beta0 * x)) if beta0 * x > -30 else -beta0 * x for x in m]}
+
+
+def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
+    """The headline table of a final phase (mean ± 95% t-interval over seeds on `split`), the
+    differences to fixed paired by seed, and the smallest difference the design could detect."""
+    cols = ("accuracy", "loss@β0", "margin@β0", "logratio chosen", "logratio rejected")
+    rows = [f"| mode | seeds | {' | '.join(cols)} | mean β (training, last log) | validation accuracy | minutes |",
+            "|" + " --- |" * (len(cols) + 5)]
+    for mode in modes:
+        rs = [r for r in results if r["mode"] == mode]
+        cells = [fmt_ci([r[split]["metrics"][k] for r in rs], digits=3 if k != "loss_beta0" else 4) for k in TEST_KEYS]
+        beta = fmt_ci([curve(r, "train")[-1]["beta/mean"] for r in rs], digits=3)
+        rows.append(f"| {mode} | {len(rs)} | {' | '.join(cells)} | {beta} | "
+                    f"{fmt_ci([r['eval']['rewards/accuracies'] for r in rs], digits=3)} | "
+                    f"{mean_ci([r['wall_s'] / 60 for r in rs])[0]:.1f} |")
+    fixed = {r["seed"]: r for r in results if r["mode"] == "fixed"}
+    if not fixed:
+        return rows
+    beta0 = config_of(next(iter(fixed.values())))["beta"]
+    rows += ["", f"Difference to `fixed` on the {split} split, paired by seed: mean ± 95% t-interval over seeds, then "
+             "[95% interval from resampling the test pairs]; 'detectable' is the smallest true difference the seeds "
+             "would detect with 80% power at α = 0.05, from the observed seed-to-seed s.d. of the difference "
+             "((t.975 + t.80) · s.d. / √n).", "",
+             "| mode | seeds | Δ accuracy | [pairs] | detectable | Δ loss@β0 | [pairs] | detectable |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for mode in [m for m in modes if m != "fixed"]:
+        rs = [r for r in results if r["mode"] == mode and r["seed"] in fixed]
+        cells = []
+        for k in ("rewards/accuracies", "loss_beta0"):
+            d = [r[split]["metrics"][k] - fixed[r["seed"]][split]["metrics"][k] for r in rs]
+            per = [[a - b for a, b in zip(pair_values(r[split]["per_pair"], beta0)[k],
+                                          pair_values(fixed[r["seed"]][split]["per_pair"], beta0)[k])] for r in rs]
+            lo, hi = pair_bootstrap(per) if rs else (float("nan"), float("nan"))
+            n = len(d)
+            sd = math.sqrt(sum((x - sum(d) / n) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
+            mdd = (T95.get(n - 1, 1.96) + T80.get(n - 1, 0.84)) * sd / math.sqrt(n) if n > 1 else float("nan")
+            cells += [fmt_ci(d, signed=True), f"[{lo:+.4f}, {hi:+.4f}]", "–" if math.isnan(mdd) else f"{mdd:.4f}"]
+        rows.append(f"| {mode} | {len(rs)} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def beta_analysis_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
+    """Beta against the margin on `split` in each learnable mode, with prompt length and truncation
+    held fixed: raw and partial Spearman correlations (pairs of all seeds pooled), and per stratum."""
+    rows = ["| mode | pairs | ρ(β, prompt tokens) | ρ(β, margin) | partial ρ(β, margin \\| tokens, truncated) | "
+            "ρ(β, margin): intact prompts, short / long half | truncated prompts | mean β intact / truncated |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for mode in [m for m in modes if m.startswith("learnable")]:
+        beta, marg, tokens, cut = [], [], [], []
+        for r in (r for r in results if r["mode"] == mode):
+            p = r[split]["per_pair"]
+            beta += p["beta"]
+            marg += margins(p)
+            tokens += p["prompt_tokens"]
+            cut += [float(x) for x in p["prompt_truncated"]]
+        intact = [i for i, c in enumerate(cut) if not c]
+        med = sorted(tokens[i] for i in intact)[len(intact) // 2] if intact else 0
+        strata = [[i for i in intact if tokens[i] < med], [i for i in intact if tokens[i] >= med],
+                  [i for i, c in enumerate(cut) if c]]
+        rho = lambda idx: f"{spearman([beta[i] for i in idx], [marg[i] for i in idx]):+.3f} (n={len(idx)})" if len(idx) > 2 else "–"  # noqa: E731
+        mean = lambda idx: f"{sum(beta[i] for i in idx) / len(idx):.4g}" if idx else "–"  # noqa: E731
+        rows.append(f"| {mode} | {len(beta)} | {spearman(beta, tokens):+.3f} | {spearman(beta, marg):+.3f} | "
+                    f"{partial_spearman(beta, marg, [tokens, cut]):+.3f} | {rho(strata[0])} / {rho(strata[1])} | "
+                    f"{rho(strata[2])} | {mean(intact)} / {mean(strata[2])} |")
+    return rows
+
+
+def e3_rows(results: list[dict], modes: list[str]) -> list[str]:
+    """Does beta learn the noisy subset? The same validation prompts with and without E3's marker:
+    mean beta on each, and the AUC P(beta marked < beta plain) (0.5 = beta ignores the marker)."""
+    rows = ["| mode | seeds | mean β, plain validation prompts | marked | paired β ratio marked / plain | AUC P(β marked < β plain) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for mode in modes:
+        rs = [r for r in results if r["mode"] == mode]
+        plain, marked, ratio, aucs = [], [], [], []
+        for r in rs:
+            a = dict(zip(r["per_pair"]["row"], r["per_pair"]["beta"]))
+            b = dict(zip(r["validation_marked"]["per_pair"]["row"], r["validation_marked"]["per_pair"]["beta"]))
+            common = sorted(set(a) & set(b))
+            plain.append(sum(a[i] for i in common) / len(common))
+            marked.append(sum(b[i] for i in common) / len(common))
+            ratio.append(sum(b[i] / a[i] for i in common) / len(common))
+            aucs.append(auc([b[i] for i in common], [a[i] for i in common]))
+        rows.append(f"| {mode} | {len(rs)} | {fmt_ci(plain)} | {fmt_ci(marked)} | {fmt_ci(ratio)} | {fmt_ci(aucs, digits=3)} |")
+    return rows
+
+
+def plot_final(results: list[dict], modes: list[str], path: str) -> None:
+    """Validation loss at beta0 and accuracy during training, and training loss at beta0, per mode
+    (mean over seeds)."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for mode in modes:
+        rs = [r for r in results if r["mode"] == mode]
+        for ax, split, key in ((axes[0], "train", "loss_beta0"), (axes[1], "eval", "loss_beta0"),
+                               (axes[2], "eval", "rewards/accuracies")):
+            series = [{m["step"]: m[key] for m in curve(r, split)} for r in rs]
+            steps = sorted(set.intersection(*[set(x) for x in series]))
+            ax.plot(steps, [sum(x[t] for x in series) / len(series) for t in steps], marker="o" if split == "eval" else None,
+                    ms=3, label=f"{mode} ({len(rs)} seeds)")
+    for ax, title in zip(axes, ("training loss at β0 (logged batches)", "validation loss at β0", "validation reward accuracy")):
+        ax.set(xlabel="step", title=title + ", mean over seeds")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_runaway(results: list[dict], path: str) -> None:
+    """w, mean beta and the clamped fraction over training steps, one line per run."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for r in results:
+        tr = curve(r, "train")
+        for ax, key in zip(axes, ("beta_head/w", "beta/mean", "beta/clamped_frac")):
+            ax.plot([m["step"] for m in tr], [m[key] for m in tr], label=r["name"])
+            ax.set(xlabel="step", title=f"training {key}")
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report_study_final(phase: str, results_dir: str) -> None:
+    """A final phase of the study: results/study/<phase>.md, its figures and report.md's
+    study_<phase> block, from the result files alone."""
+    import matplotlib
+    matplotlib.use("Agg")
+    results = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "study", phase, "*.json")))]
+    if not results:
+        sys.exit(f"error: no results in {results_dir}/study/{phase}; run `python experiments.py run study --phase {phase}` first")
+    modes = list(dict.fromkeys(name.rsplit("-s", 1)[0] for name in STUDY_PHASES[phase]))
+    modes = [m for m in modes if any(r["mode"] == m for r in results)]
+    fig_dir = os.path.join(results_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    n_test = results[0]["test"]["metrics"]["pairs"]
+    rows = [f"# study, {phase}: the final policies on the test split ({n_test} pairs, evaluated once)\n"]
+    if phase.startswith("runaway"):
+        plot_runaway(results, os.path.join(fig_dir, f"study_{phase}.png"))
+        rows += ["| run | w first → last log | mean β first → last | max clamped fraction | test accuracy | test loss@β0 |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for r in results:
+            tr = curve(r, "train")
+            rows.append(f"| {r['name']} | {tr[0]['beta_head/w']:.4g} → {tr[-1]['beta_head/w']:.4g} | "
+                        f"{tr[0]['beta/mean']:.4g} → {tr[-1]['beta/mean']:.4g} | {max(m['beta/clamped_frac'] for m in tr):.3f} | "
+                        f"{r['test']['metrics']['rewards/accuracies']:.3f} | {r['test']['metrics']['loss_beta0']:.4f} |")
+    else:
+        plot_final(results, modes, os.path.join(fig_dir, f"study_{phase}.png"))
+        rows += final_rows(results, modes, "test")
+        if any(m.startswith("learnable") for m in modes):
+            rows += ["", "β against the margin on the test pairs (Spearman ρ; all seeds pooled), prompt length and "
+                     "truncation held fixed:", ""] + beta_analysis_rows(results, modes, "test")
+        if phase.startswith("e3"):
+            rows += ["", f"β on the {results[0]['eval']['pairs']} validation prompts with and without the noisy subset's "
+                     "marker (labels unchanged), per seed, then mean ± 95% t-interval:", ""] + e3_rows(results, modes)
     write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
     splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))
     print("\n".join(rows))
@@ -754,6 +1073,7 @@ if __name__ == "__main__":
                    help="run experiments, rebuild tables and figures, or write E1's data statistics")
     p.add_argument("experiment", nargs="?", default="e1", choices=["e1", "e2", "bf16", "study"], help="which experiment")
     p.add_argument("--phase", default="tune_lr", choices=list(STUDY_PHASES), help="which phase of the study (study)")
+    p.add_argument("--runs", nargs="+", default=None, help="only these runs of the study's phase (default: all)")
     p.add_argument("--modes", nargs="+", default=None, choices=list(MODES) + list(PRECISION_MODES),
                    help="beta modes to run (default: all of the experiment's: MODES, or PRECISION_MODES for bf16)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (e1)")
@@ -775,9 +1095,11 @@ if __name__ == "__main__":
     if args.command == "data":
         data_stats(args.data, args.results_dir)
     elif args.command == "run" and args.experiment == "study":
-        run_study(args.phase, args.data, args.extra, args.results_dir, args.runs_dir, args.keep_checkpoints)
-    elif args.experiment == "study":
+        run_study(args.phase, args.data, args.extra, args.results_dir, args.runs_dir, args.keep_checkpoints, args.runs)
+    elif args.experiment == "study" and args.phase.startswith("tune"):
         report_study_tuning(args.phase, args.results_dir)
+    elif args.experiment == "study":
+        report_study_final(args.phase, args.results_dir)
     elif args.command == "run" and args.experiment == "e2":
         run_e2(args.modes, args.betas, args.extra, args.results_dir, args.runs_dir, args.e2_model, args.keep_checkpoints)
     elif args.command == "run":

@@ -456,12 +456,15 @@ def drop_resume_state(run_dir: str) -> None:
 
 
 def write_eval(ckpt: str, stats: dict[str, torch.Tensor], metrics: dict[str, float], data_report: dict,
-               title: str, args: dict, name: str = "eval") -> None:
-    """NAME.json (metrics, per-pair beta / PPL / log-probs, data report, args) and NAME.md in ckpt."""
+               title: str, args: dict, examples: list[dict], name: str = "eval") -> None:
+    """NAME.json (metrics; per pair: beta, PPL, log-probs, its row in the data, its prompt tokens
+    and whether the prompt was cut; data report; args) and NAME.md in ckpt."""
     md = f"# Evaluation of `{ckpt}`\n\n{title}\n\n" + markdown_table(metrics)
     print(md)
     per_pair = {k: [round(x, 6) for x in stats[k].tolist()] for k in ("beta", "ppl", "policy_chosen_logps",
                 "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")}
+    per_pair.update(row=[e["row"] for e in examples], prompt_tokens=[len(e["prompt_ids"]) for e in examples],
+                    prompt_truncated=[e["prompt_truncated"] for e in examples])
     with open(os.path.join(ckpt, name + ".json"), "w") as f:
         json.dump(dict(metrics=metrics, data_report=data_report, args=args, per_pair=per_pair), f, indent=2)
     with open(os.path.join(ckpt, name + ".md"), "w") as f:

@@ -710,7 +710,7 @@ def finish(run: Run, eval_examples: list[dict], eval_report: dict, command: str)
         shutil.rmtree(os.path.join(args.output_dir, "checkpoints"), ignore_errors=True)
     if accelerator.is_main_process:
         write_eval(final, stats, metrics, eval_report, f"{eval_report['kept']} held-out pairs, evaluated at the end "
-                   f"of training, beta_mode={args.beta_mode}, beta0={args.beta}.", dict(ckpt=final))
+                   f"of training, beta_mode={args.beta_mode}, beta0={args.beta}.", dict(ckpt=final), eval_examples)
         if args.num_samples:
             write_samples(final, run.raw, run.tokenizer, eval_examples, stats, vars(args), accelerator, args.num_samples,
                           args.eval_batch_size)

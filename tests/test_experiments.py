@@ -89,17 +89,23 @@ def test_e2_sampling_and_sequence_logps(tiny_qwen2_dir, monkeypatch):
     assert -1 <= score["reward"] <= 1 and score["samples"] == E.E2_HELDOUT * len(E.E2_FRAMINGS)
 
 
-def test_study_splits_and_a_final_phase_with_a_test_split(tiny_qwen2_dir, tmp_path, monkeypatch):
-    """The study's splits are disjoint, fixed by a seed and recorded; a final phase evaluates the
-    test split once, on the final policy, without touching train.py's validation eval.json."""
+def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """The study's splits are disjoint, fixed by a seed and recorded; E3's noisy training file and
+    marked validation prompts derive from them; a final phase evaluates the test split once, on the
+    final policy, without touching train.py's validation eval.json, and reuses a run an earlier
+    phase trained with the same flags; the final phases' reports are built from the results."""
     import experiments as E
     from data import load_rows
+    last_user = lambda prompt: prompt if isinstance(prompt, str) else prompt[-1]["content"]  # noqa: E731
     monkeypatch.setattr(E, "STUDY_SPLITS", dict(test=6, validation=4, seed=0))
     monkeypatch.setattr(E, "STUDY", dict(model_name_or_path=tiny_qwen2_dir, max_length=64, max_prompt_length=40,
                                          batch_size=2, log_every_steps=1, eval_every_steps=1, save_every_steps=1,
                                          precision="fp32", precompute_ref=True, ref_cache_dir=str(tmp_path / "cache"),
-                                         max_train_examples=16))
-    monkeypatch.setattr(E, "STUDY_PHASES", {"final": {"fixed-s0": dict(beta_mode="fixed", max_steps=2, seed=0)}})
+                                         max_train_examples=16, beta=0.1))
+    fixed, learnable = dict(beta_mode="fixed", max_steps=2, seed=0), dict(beta_mode="learnable", max_steps=2, seed=0)
+    monkeypatch.setattr(E, "STUDY_PHASES", {"tune_x": {"fixed-s0": fixed},
+                                            "final": {"fixed-s0": fixed, "learnable-s0": learnable},
+                                            "e3": {"fixed-s0": fixed, "learnable-s0": dict(learnable, epsilon=0.9)}})
     res, runs = str(tmp_path / "results"), str(tmp_path / "runs")
     paths = E.study_data("demo", runs, res)
     rows = {k: [json.loads(x) for x in open(p)] for k, p in paths.items()}
@@ -108,9 +114,42 @@ def test_study_splits_and_a_final_phase_with_a_test_split(tiny_qwen2_dir, tmp_pa
     as_set = lambda k: {json.dumps(r, sort_keys=True) for r in rows[k]}  # noqa: E731
     assert not (as_set("test") & as_set("validation") or as_set("test") & as_set("train"))
     assert E.study_data("demo", runs, res) == paths  # the same splits again (and the recorded hashes agree)
+    # E3: the recorded noisy rows are marked and swapped, the others are the clean training rows
+    noisy = json.load(open(os.path.join(res, "study", "splits.json")))["e3_train"]["noisy_rows"]
+    marker = E.STUDY_E3["marker"]
+    assert len(noisy) == round(E.STUDY_E3["noisy_fraction"] * len(rows["train"]))
+    for i, (clean, e3) in enumerate(zip(rows["train"], rows["e3_train"])):
+        if i in noisy:
+            m = E.mark_prompt(clean, marker)
+            assert last_user(e3["prompt"]).startswith(marker) and (e3["chosen"], e3["rejected"]) == (m["rejected"], m["chosen"])
+        else:
+            assert e3 == clean
+    assert all(last_user(r["prompt"]).startswith(marker) for r in rows["validation_marked"])
+
+    E.run_study("tune_x", "demo", [], res, runs)
     E.run_study("final", "demo", [], res, runs)
     r = json.load(open(os.path.join(res, "study", "final", "fixed-s0.json")))
+    assert r["reused_from"] == "study/tune_x/fixed-s0" and not os.path.exists(os.path.join(runs, "study", "final", "fixed-s0"))
     assert r["eval"]["pairs"] == 4 and r["test"]["metrics"]["pairs"] == 6  # validation, then test
-    final = os.path.join(runs, "study", "final", "fixed-s0", "final")
+    final = os.path.join(runs, "study", "tune_x", "fixed-s0", "final")
     assert json.load(open(os.path.join(final, "eval.json")))["metrics"]["pairs"] == 4  # train.py's, kept
     assert json.load(open(os.path.join(final, "eval_test.json")))["metrics"] == r["test"]["metrics"]
+    assert "test" not in json.load(open(os.path.join(res, "study", "tune_x", "fixed-s0.json")))  # tuning never sees test
+    p = r["test"]["per_pair"]
+    assert len(p["row"]) == 6 and p["row"] == sorted(p["row"]) and all(t <= 40 for t in p["prompt_tokens"])
+    E.run_study("e3", "demo", [], res, runs, only=["fixed-s0"])  # one run of a phase
+    assert not os.path.exists(os.path.join(res, "study", "e3", "learnable-s0.json"))
+    E.run_study("e3", "demo", [], res, runs)  # the noisy training data: a new run even for the same flags
+    r3 = json.load(open(os.path.join(res, "study", "e3", "fixed-s0.json")))
+    assert "reused_from" not in r3 and r3["config"]["dataset"] == paths["e3_train"]
+    assert r3["validation_marked"]["metrics"]["pairs"] == 4
+
+    with open(tmp_path / "report.md", "w") as f:
+        f.write("<!-- BEGIN study_final -->\n<!-- END study_final -->\n<!-- BEGIN study_e3 -->\n<!-- END study_e3 -->\n")
+    E.report_study_final("final", res)
+    E.report_study_final("e3", res)
+    doc = open(tmp_path / "report.md").read()
+    assert re.search(r"\| learnable \| 1 \| [+-]\d\.\d{4} \| \[", doc)  # the paired difference, with its pair interval
+    assert "partial ρ(β, margin" in doc and "AUC P(β marked < β plain)" in doc
+    assert re.search(r"\| fixed \| 1 \| 0\.1000 \| 0\.1000 \| 1\.0000 \| 0\.500 \|", doc)  # a constant beta ignores the marker
+    assert os.path.getsize(os.path.join(res, "figures", "study_final.png")) > 10_000

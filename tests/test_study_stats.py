@@ -1,0 +1,67 @@
+"""The study's statistics and E3's data derivation against hand-computed values."""
+
+import math
+
+import pytest
+
+import experiments as E
+
+
+def test_ranks_and_spearman_by_hand():
+    assert E.ranks([3.0, 1.0, 2.0, 2.0]) == [4.0, 1.0, 2.5, 2.5]  # ties share their mean rank
+    # ranks of b are 1 2 4 3: rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 2 / 60 = 0.8
+    assert E.spearman([1, 2, 3, 4], [10, 20, 30, 25]) == pytest.approx(0.8)
+    assert E.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(E.spearman([1, 1, 1], [1, 2, 3]))  # no spread, no correlation
+
+
+def test_partial_spearman_removes_a_shared_cause():
+    # a and b both follow t, plus independent wiggles: correlated, but not once t is held fixed
+    import random
+    rng = random.Random(0)
+    t = [i % 4 for i in range(200)]  # four strata, far apart
+    a = [10 * x + rng.random() for x in t]
+    b = [10 * x + rng.random() for x in t]
+    assert E.spearman(a, b) > 0.85
+    assert abs(E.partial_spearman(a, b, [t])) < 0.15
+    c = [x + 0.5 * y for x, y in zip(a, b)]  # depends on b beyond t: the partial correlation stays
+    assert E.partial_spearman(c, b, [t]) > 0.3
+    # residuals of a line on its own covariate are zero
+    assert max(abs(r) for r in E.residuals([2 * x + 1 for x in t], [t])) < 1e-9
+
+
+def test_auc_by_hand():
+    assert E.auc([1, 2], [3, 4]) == 1.0
+    assert E.auc([3, 4], [1, 2]) == 0.0
+    # pairs (1,2) win, (3,2) loses, ties count half: (1,2) (1,2) (3,2) (3,2) -> 2 / 4
+    assert E.auc([1, 3], [2, 2]) == 0.5
+    assert E.auc([1, 2], [2, 2]) == pytest.approx((1 + 1 + 0.5 + 0.5) / 4)
+
+
+def test_pair_values_and_bootstrap():
+    per_pair = dict(policy_chosen_logps=[0.0, 1.0], reference_chosen_logps=[0.0, 0.0],
+                    policy_rejected_logps=[1.0, 0.0], reference_rejected_logps=[0.0, 0.0])
+    v = E.pair_values(per_pair, beta0=0.1)  # margins -1 and +1
+    assert v["rewards/accuracies"] == [0.0, 1.0]
+    assert v["loss_beta0"] == pytest.approx([math.log1p(math.exp(0.1)), math.log1p(math.exp(-0.1))])
+    lo, hi = E.pair_bootstrap([[1.0] * 50])  # a constant difference has no sampling error
+    assert lo == hi == 1.0
+    lo, hi = E.pair_bootstrap([[0.0, 1.0] * 100])  # mean 0.5, s.e. 0.5 / sqrt(200) = 0.035
+    assert 0.40 < lo < 0.46 and 0.54 < hi < 0.60
+
+
+def test_label_noise_marks_and_swaps_a_seeded_subset():
+    rows = [dict(chosen=f"\n\nHuman: q{i}\n\nAssistant: good{i}", rejected=f"\n\nHuman: q{i}\n\nAssistant: bad{i}")
+            for i in range(10)] + [dict(chosen="same", rejected="same")]  # not a usable pair: never noisy
+    out, noisy = E.label_noise(rows, 0.3, seed=0, marker="[m] ")
+    assert len(noisy) == 3 and 10 not in noisy and noisy == E.label_noise(rows, 0.3, seed=0, marker="[m] ")[1]
+    for i, r in enumerate(out):
+        if i in noisy:
+            assert r == dict(prompt=[dict(role="user", content=f"[m] q{i}")], chosen=f"bad{i}", rejected=f"good{i}")
+        else:
+            assert r is rows[i]
+    # several turns: only the last user message carries the marker
+    two = dict(chosen="\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: yes",
+               rejected="\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: no")
+    m = E.mark_prompt(two, "[m] ")
+    assert [x["content"] for x in m["prompt"]] == ["a", "b", "[m] c"] and (m["chosen"], m["rejected"]) == ("yes", "no")

@@ -197,6 +197,11 @@ def run_configs(exp: str, configs: dict[str, dict], extra: list[str], results_di
               f"loss@beta0 {out['eval']['loss_beta0']:.4f}, {out['wall_s'] / 60:.1f} min", flush=True)
 
 
+def portable(argv: list[str]) -> list[str]:
+    """A command line with its absolute paths cut to their file names (results move between checkouts)."""
+    return [os.path.basename(a) if os.path.isabs(a) else a for a in argv]
+
+
 def same_run(config: dict, argv: list[str], results_dir: str, runs_dir: str, exp: str) -> tuple[dict, str] | None:
     """(result, run directory) of a run of another study phase with exactly this command line whose
     final policy is still on disk, else None: a study's phases share runs instead of repeating them
@@ -205,7 +210,7 @@ def same_run(config: dict, argv: list[str], results_dir: str, runs_dir: str, exp
         return None
     for path in sorted(glob.glob(os.path.join(results_dir, "study", "*", "*.json"))):
         other = json.load(open(path))
-        if other.get("experiment") == exp or other.get("reused_from") or other.get("flags") != argv:
+        if other.get("experiment") == exp or other.get("reused_from") or portable(other["flags"]) != portable(argv):
             continue
         run_dir = os.path.join(runs_dir, other["experiment"], other["name"])
         if is_complete(os.path.join(run_dir, "final")):
@@ -1015,6 +1020,32 @@ def plot_final(results: list[dict], modes: list[str], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_study_beta(results: list[dict], modes: list[str], split: str, path: str) -> None:
+    """The learnable modes' beta on `split` against prompt length (x: truncated prompts) and
+    against the margin (seed 0), and mean beta over training (mean over seeds)."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for mode in [m for m in modes if m.startswith("learnable")]:
+        rs = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["seed"])
+        p = rs[0][split]["per_pair"]
+        dots = axes[0].scatter(p["prompt_tokens"], p["beta"], s=6, alpha=0.5, label=f"{mode} s{rs[0]['seed']}")
+        cut = [i for i, c in enumerate(p["prompt_truncated"]) if c]
+        axes[0].scatter([p["prompt_tokens"][i] for i in cut], [p["beta"][i] for i in cut], s=14, marker="x",
+                        color=dots.get_facecolor()[0])
+        axes[1].scatter(margins(p), p["beta"], s=6, alpha=0.5, label=f"{mode} s{rs[0]['seed']}")
+        series = [{m["step"]: m["beta/mean"] for m in curve(r, "train")} for r in rs]
+        steps = sorted(set.intersection(*[set(x) for x in series]))
+        axes[2].plot(steps, [sum(x[t] for x in series) / len(series) for t in steps], label=mode)
+    axes[0].set(xlabel="prompt tokens (x: cut to the last max_prompt_length)", ylabel="β", yscale="log",
+                title=f"β vs prompt length, {split} pairs")
+    axes[1].set(xlabel="log-ratio margin", ylabel="β", yscale="log", title=f"β vs margin, {split} pairs")
+    axes[1].axvline(0, color="grey", lw=0.5)
+    axes[2].set(xlabel="step", ylabel="mean β of the logged batches", title="β during training, mean over seeds")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot_runaway(results: list[dict], path: str) -> None:
     """w, mean beta and the clamped fraction over training steps, one line per run."""
     import matplotlib.pyplot as plt
@@ -1057,6 +1088,7 @@ def report_study_final(phase: str, results_dir: str) -> None:
         plot_final(results, modes, os.path.join(fig_dir, f"study_{phase}.png"))
         rows += final_rows(results, modes, "test")
         if any(m.startswith("learnable") for m in modes):
+            plot_study_beta(results, modes, "test", os.path.join(fig_dir, f"study_{phase}_beta.png"))
             rows += ["", "β against the margin on the test pairs (Spearman ρ; all seeds pooled), prompt length and "
                      "truncation held fixed:", ""] + beta_analysis_rows(results, modes, "test")
         if phase.startswith("e3"):

@@ -153,3 +153,4 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     assert "partial ρ(β, margin" in doc and "AUC P(β marked < β plain)" in doc
     assert re.search(r"\| fixed \| 1 \| 0\.1000 \| 0\.1000 \| 1\.0000 \| 0\.500 \|", doc)  # a constant beta ignores the marker
     assert os.path.getsize(os.path.join(res, "figures", "study_final.png")) > 10_000
+    assert os.path.getsize(os.path.join(res, "figures", "study_final_beta.png")) > 10_000

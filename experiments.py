@@ -830,6 +830,20 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
         last = curve(r, "eval")[-3:]
         rows.append(f"| {r['name']} | {sum(m['rewards/accuracies'] for m in last) / len(last):.3f} | "
                     f"{sum(m['loss_beta0'] for m in last) / len(last):.4f} | {r['wall_s'] / 60:.1f} |")
+    learn = [r for r in results if r["config"]["beta_mode"] == "learnable" and "prompt_tokens" in r["per_pair"]]
+    if learn:
+        rows += ["", "What drives β in the learnable runs: the final policy's β on the validation pairs, its Spearman "
+                 "correlation with the prompt's PPL and its length in tokens, and β on intact and on truncated prompts:", "",
+                 "| run | β mean [min, max] | ρ(β, PPL) | ρ(β, prompt tokens) | median β, intact / truncated prompts (n) |",
+                 "| --- | --- | --- | --- | --- |"]
+        for r in learn:
+            p = r["per_pair"]
+            med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+            intact = [b for b, c in zip(p["beta"], p["prompt_truncated"]) if not c]
+            cut = [b for b, c in zip(p["beta"], p["prompt_truncated"]) if c]
+            rows.append(f"| {r['name']} | {sum(p['beta']) / len(p['beta']):.4f} [{min(p['beta']):.4f}, {max(p['beta']):.4f}] | "
+                        f"{spearman(p['beta'], p['ppl']):+.3f} | {spearman(p['beta'], p['prompt_tokens']):+.3f} | "
+                        f"{med(intact):.4f} / {med(cut):.4f} ({len(intact)} / {len(cut)}) |")
     write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
     splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))
     print("\n".join(rows))

@@ -838,12 +838,12 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
                  "| --- | --- | --- | --- | --- |"]
         for r in learn:
             p = r["per_pair"]
-            med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+            med = lambda xs: f"{sorted(xs)[len(xs) // 2]:.4f}" if xs else "–"  # noqa: E731
             intact = [b for b, c in zip(p["beta"], p["prompt_truncated"]) if not c]
             cut = [b for b, c in zip(p["beta"], p["prompt_truncated"]) if c]
             rows.append(f"| {r['name']} | {sum(p['beta']) / len(p['beta']):.4f} [{min(p['beta']):.4f}, {max(p['beta']):.4f}] | "
                         f"{spearman(p['beta'], p['ppl']):+.3f} | {spearman(p['beta'], p['prompt_tokens']):+.3f} | "
-                        f"{med(intact):.4f} / {med(cut):.4f} ({len(intact)} / {len(cut)}) |")
+                        f"{med(intact)} / {med(cut)} ({len(intact)} / {len(cut)}) |")
     write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
     splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))
     print("\n".join(rows))

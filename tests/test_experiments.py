@@ -103,7 +103,7 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
                                          precision="fp32", precompute_ref=True, ref_cache_dir=str(tmp_path / "cache"),
                                          max_train_examples=16, beta=0.1))
     fixed, learnable = dict(beta_mode="fixed", max_steps=2, seed=0), dict(beta_mode="learnable", max_steps=2, seed=0)
-    monkeypatch.setattr(E, "STUDY_PHASES", {"tune_x": {"fixed-s0": fixed},
+    monkeypatch.setattr(E, "STUDY_PHASES", {"tune_x": {"fixed-s0": fixed, "learnable-s0": learnable},
                                             "final": {"fixed-s0": fixed, "learnable-s0": learnable},
                                             "e3": {"fixed-s0": fixed, "learnable-s0": dict(learnable, epsilon=0.9)}})
     res, runs = str(tmp_path / "results"), str(tmp_path / "runs")
@@ -128,8 +128,10 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
 
     E.run_study("tune_x", "demo", [], res, runs)
     E.run_study("final", "demo", [], res, runs)
+    for name in ("fixed-s0", "learnable-s0"):
+        r = json.load(open(os.path.join(res, "study", "final", name + ".json")))
+        assert r["reused_from"] == "study/tune_x/" + name and not os.path.exists(os.path.join(runs, "study", "final", name))
     r = json.load(open(os.path.join(res, "study", "final", "fixed-s0.json")))
-    assert r["reused_from"] == "study/tune_x/fixed-s0" and not os.path.exists(os.path.join(runs, "study", "final", "fixed-s0"))
     assert r["eval"]["pairs"] == 4 and r["test"]["metrics"]["pairs"] == 6  # validation, then test
     final = os.path.join(runs, "study", "tune_x", "fixed-s0", "final")
     assert json.load(open(os.path.join(final, "eval.json")))["metrics"]["pairs"] == 4  # train.py's, kept
@@ -144,6 +146,9 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     assert "reused_from" not in r3 and r3["config"]["dataset"] == paths["e3_train"]
     assert r3["validation_marked"]["metrics"]["pairs"] == 4
 
+    E.report_study_tuning("tune_x", res)  # validation curves, the choice table, what drives beta
+    tuned = open(os.path.join(res, "study", "tune_x.md")).read()
+    assert re.search(r"\| learnable-s0 \| 0\.\d{4} \[", tuned) and "ρ(β, PPL)" in tuned
     with open(tmp_path / "report.md", "w") as f:
         f.write("<!-- BEGIN study_final -->\n<!-- END study_final -->\n<!-- BEGIN study_e3 -->\n<!-- END study_e3 -->\n")
     E.report_study_final("final", res)

@@ -184,7 +184,7 @@ def run_configs(exp: str, configs: dict[str, dict], extra: list[str], results_di
             curves = train_run(run_dir, argv)
             with open(os.path.join(run_dir, "final", "eval.json")) as f:
                 ev = json.load(f)
-            out = dict(experiment=exp, name=name, mode=name.rsplit("-s", 1)[0], seed=config.get("seed", 0),
+            out = dict(experiment=exp, name=name, seed=config.get("seed", 0),
                        config=config, flags=argv, wall_s=time.time() - t0, eval=ev["metrics"], per_pair=ev["per_pair"],
                        data_report=ev["data_report"], curves=curves)
         out["mode"] = name.rsplit("-s", 1)[0]
@@ -960,9 +960,8 @@ def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
             per = [[a - b for a, b in zip(pair_values(r[split]["per_pair"], beta0)[k],
                                           pair_values(fixed[r["seed"]][split]["per_pair"], beta0)[k])] for r in rs]
             lo, hi = pair_bootstrap(per) if rs else (float("nan"), float("nan"))
-            n = len(d)
-            sd = math.sqrt(sum((x - sum(d) / n) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
-            mdd = (T95.get(n - 1, 1.96) + T80.get(n - 1, 0.84)) * sd / math.sqrt(n) if n > 1 else float("nan")
+            n, half = len(d), mean_ci(d)[1]  # half = t.975 * s.d. / sqrt(n)
+            mdd = half * (T95.get(n - 1, 1.96) + T80.get(n - 1, 0.84)) / T95.get(n - 1, 1.96) if n > 1 else float("nan")
             cells += [fmt_ci(d, signed=True), f"[{lo:+.4f}, {hi:+.4f}]", "–" if math.isnan(mdd) else f"{mdd:.4f}"]
         rows.append(f"| {mode} | {len(rs)} | " + " | ".join(cells) + " |")
     return rows

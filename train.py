@@ -448,9 +448,6 @@ def check_launch(args, accelerator: Accelerator) -> None:
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
         raise DataError(f"accelerate's {accelerator.distributed_type.name} is not supported: launch with "
                         "configs/ddp.yaml (or torchrun) and shard with train.py's own --fsdp full_shard|shard_grad_op")
-    if args.fsdp != "none" and accelerator.mixed_precision == "bf16":
-        raise DataError("--fsdp runs the policy without autocast (bf16 autocast is not wired for the sharded "
-                        "model): pass --precision fp32 with --fsdp, or drop --fsdp")
     if args.fsdp != "none" and accelerator.num_processes < 2:
         raise DataError("--fsdp shards across processes: launch 2 or more (torchrun --nproc_per_node N or "
                         "accelerate launch --config_file configs/ddp.yaml), or drop --fsdp")
@@ -514,6 +511,8 @@ def make_run(args, accelerator: Accelerator, model: DynamicBetaDPOModel, tokeniz
         prepared, optimizer = accelerator.prepare(model, optimizer)  # DDP when there are several processes
     else:  # FSDP2 instead of DDP; the fused and foreach kernels cannot mix sharded and whole parameters
         optimizer, prepared = torch.optim.AdamW(groups, foreach=False, **kwargs), model
+        if autocast_dtype(accelerator):  # what prepare() does for the unsharded model: forward under autocast
+            model.forward = torch.autocast(accelerator.device.type, dtype=autocast_dtype(accelerator))(model.forward)
     accelerator.print(
         f"policy {args.model_name_or_path}: {sum(p.numel() for p in model.policy_model.parameters()) / 1e6:.1f}M "
         f"parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M trained; reference: "

@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import resource
 import shutil
 import shlex
 import signal
@@ -628,7 +629,11 @@ def log_train(run: Run, window: list[StepResult], pbar) -> None:
     elapsed = time.time() - run.log_start
     metrics.update({"grad_norm": window[-1].grad_norm, "lr/policy": run.optimizer.param_groups[0]["lr"],
                     "tokens_per_s": sum(r.tokens for r in window) * accelerator.num_processes / elapsed,
-                    "examples_seen": run.step * run.global_batch, "skipped_steps": run.skipped_steps})
+                    "examples_seen": run.step * run.global_batch, "skipped_steps": run.skipped_steps,
+                    # this process's peak so far, imports, model, optimizer state and activations included
+                    "mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6})
+    if accelerator.device.type == "cuda":
+        metrics["mem/peak_cuda_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
     if head is not None:
         w_grad, nn_grad = window[-1].head_grads
         metrics.update({"lr/beta_head": run.optimizer.param_groups[-1]["lr"], "beta_head/w": head.w.item(),
@@ -638,7 +643,7 @@ def log_train(run: Run, window: list[StepResult], pbar) -> None:
     if accelerator.is_main_process:
         pbar.write(f"step {run.step}: loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.3f} "
                    f"margin {metrics['rewards/margins']:.4f} beta {metrics['beta/mean']:.4g} "
-                   f"(min {metrics['beta/min']:.3g} max {metrics['beta/max']:.3g}) {metrics['tokens_per_s']:.0f} tok/s")
+                   f"(min {metrics['beta/min']:.3g} max {metrics['beta/max']:.3g}) {metrics['tokens_per_s']:.0f} tok/s, peak RSS {metrics['mem/peak_rss_gb']:.2f} GB")
     run.log_start = time.time()
 
 

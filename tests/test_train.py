@@ -66,8 +66,9 @@ def test_train_save_evaluate_round_trip(tiny_qwen2_dir, tmp_path):
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "beta/mean", "beta/std", "beta/min", "beta/max",
                 "ppl/mean", "beta_head/w", "beta_head/nn_grad_norm", "lr/policy", "lr/beta_head",
-                "grad_norm", "tokens_per_s", "rewards_beta0/margins"):
+                "grad_norm", "tokens_per_s", "rewards_beta0/margins", "mem/peak_rss_gb"):
         assert key in train_lines[-1], key
+    assert 0.1 < train_lines[0]["mem/peak_rss_gb"] <= train_lines[-1]["mem/peak_rss_gb"] < 64  # a peak: never falls
     assert train_lines[0]["beta/mean"] == pytest.approx(0.1, rel=0.5)  # w calibrated to beta0
 
     # train.py's own final eval.json has the same keys and values as evaluate.py's
@@ -123,7 +124,7 @@ def test_resume_is_exact(tiny_qwen2_dir, tmp_path):
     def logged(run, step):
         lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
         m = [x for x in lines if x["step"] == step and x["split"] == "train"][-1]
-        return {k: v for k, v in m.items() if k != "tokens_per_s"}
+        return {k: v for k, v in m.items() if k not in ("tokens_per_s", "mem/peak_rss_gb")}  # the machine's, not the run's
     assert logged(full, 4) == logged(part, 4)
 
 

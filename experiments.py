@@ -42,6 +42,7 @@ import glob
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -128,19 +129,39 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def train_run(run_dir: str, flags: list[str]) -> list[dict]:
-    """Train one configuration into run_dir (resuming; skipped when final/ is complete) -> its curves."""
+    """Train one configuration into run_dir (resuming; skipped when final/ is complete) -> its curves.
+    SIGTERM or Ctrl-C is passed on to train.py, which checkpoints and stops; the seconds of such an
+    interrupted attempt go to run_dir/attempts.json (earlier_attempts_s), so a resumed run's wall
+    time counts every attempt."""
     os.makedirs(run_dir, exist_ok=True)
+    t0 = time.time()
     with open(os.path.join(run_dir, "train.log"), "a") as log:
         if not is_complete(os.path.join(run_dir, "final")):
-            subprocess.run([sys.executable, "train.py", *flags, "--output_dir", run_dir, "--resume_from", "auto"],
-                           cwd=HERE, stdout=log, stderr=log, check=True)
+            proc = subprocess.Popen([sys.executable, "train.py", *flags, "--output_dir", run_dir, "--resume_from", "auto"],
+                                    cwd=HERE, stdout=log, stderr=log)
+            previous = {s: signal.signal(s, lambda *_: proc.send_signal(signal.SIGTERM))
+                        for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                rc = proc.wait()
+            finally:
+                for s, h in previous.items():
+                    signal.signal(s, h)
+            if rc:
+                raise subprocess.CalledProcessError(rc, proc.args)
         if not is_complete(os.path.join(run_dir, "final")):  # stopped by a signal, with a checkpoint
+            write_json(os.path.join(run_dir, "attempts.json"), earlier_attempts_s(run_dir) + [time.time() - t0])
             sys.exit(f"{run_dir}: training stopped before the end; the same command resumes it")
         if not os.path.exists(os.path.join(run_dir, "final", "eval.json")):  # train.py writes it at the end
             subprocess.run([sys.executable, "evaluate.py", "--ckpt", os.path.join(run_dir, "final")],
                            cwd=HERE, stdout=log, stderr=log, check=True)
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     return [{k: v for k, v in m.items() if not k.startswith("lr/")} for m in lines]
+
+
+def earlier_attempts_s(run_dir: str) -> list[float]:
+    """The wall seconds of a run's interrupted attempts (train_run writes them)."""
+    path = os.path.join(run_dir, "attempts.json")
+    return json.load(open(path)) if os.path.exists(path) else []
 
 
 def curve(result: dict, split: str) -> list[dict]:
@@ -180,12 +201,12 @@ def run_configs(exp: str, configs: dict[str, dict], extra: list[str], results_di
         else:
             run_dir = os.path.join(runs_dir, exp, name)
             print(f"[{exp}] {name}: training ({run_dir}/train.log)", flush=True)
-            t0 = time.time()
+            t0, earlier_s = time.time(), sum(earlier_attempts_s(run_dir))
             curves = train_run(run_dir, argv)
             with open(os.path.join(run_dir, "final", "eval.json")) as f:
                 ev = json.load(f)
             out = dict(experiment=exp, name=name, seed=config.get("seed", 0),
-                       config=config, flags=argv, wall_s=time.time() - t0, eval=ev["metrics"], per_pair=ev["per_pair"],
+                       config=config, flags=argv, wall_s=earlier_s + time.time() - t0, eval=ev["metrics"], per_pair=ev["per_pair"],
                        data_report=ev["data_report"], curves=curves)
         out["mode"] = name.rsplit("-s", 1)[0]
         for split, data in (test_data or {}).items():  # extra held-out sets (the test split: the final policy, once)
@@ -436,7 +457,7 @@ def run_e2(modes: list[str], betas: list[float], extra: list[str], results_dir: 
             config = dict(dataset=pairs, model_name_or_path=model, **E2_TRAIN, beta=beta, **MODES[mode], seed=0)
             argv = flags(config) + extra + (["--keep_checkpoints"] if keep else [])
             print(f"[e2] {name}: training ({run_dir}/train.log)", flush=True)
-            t0 = time.time()
+            t0, earlier_s = time.time(), sum(earlier_attempts_s(run_dir))
             curves = train_run(run_dir, argv)
             policy = load_policy(os.path.join(run_dir, "final")).eval()
             score = e2_score(policy, reference, tokenizer, seed=1)

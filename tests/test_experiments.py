@@ -5,6 +5,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+
 import pytest
 
 pytestmark = pytest.mark.slow  # the experiment runner end to end
@@ -159,3 +161,36 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     assert re.search(r"\| fixed \| 1 \| 0\.1000 \| 0\.1000 \| 1\.0000 \| 0\.500 \|", doc)  # a constant beta ignores the marker
     assert os.path.getsize(os.path.join(res, "figures", "study_final.png")) > 10_000
     assert os.path.getsize(os.path.join(res, "figures", "study_final_beta.png")) > 10_000
+
+
+def test_a_stopped_run_resumes_and_counts_every_attempt(tiny_qwen2_dir, tmp_path):
+    """SIGTERM to the runner reaches train.py, which checkpoints and stops; the runner records that
+    attempt's seconds, and the resumed run's result counts both attempts in wall_s."""
+    import signal
+    import threading
+    import experiments as E
+    config = dict(model_name_or_path=tiny_qwen2_dir, dataset="demo", eval_split="test", max_eval_examples=4,
+                  max_length=64, max_prompt_length=40, batch_size=2, max_steps=12, log_every_steps=1,
+                  eval_every_steps=0, save_every_steps=0, precision="fp32", seed=0)
+    res, runs = str(tmp_path / "results"), str(tmp_path / "runs")
+    run_dir = os.path.join(runs, "x", "a-s0")
+
+    def stop_after_the_first_steps():
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        while not (os.path.exists(metrics) and sum('"train"' in x for x in open(metrics)) >= 2):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=stop_after_the_first_steps, daemon=True).start()
+    with pytest.raises(SystemExit, match="stopped before the end"):
+        E.run_configs("x", {"a-s0": config}, [], res, runs)
+    first = json.load(open(os.path.join(run_dir, "attempts.json")))
+    assert len(first) == 1 and first[0] > 0 and os.listdir(os.path.join(run_dir, "checkpoints"))
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the runner's handler is gone again
+
+    t0 = time.time()
+    E.run_configs("x", {"a-s0": config}, [], res, runs)  # resumes
+    second = time.time() - t0
+    r = json.load(open(os.path.join(res, "x", "a-s0.json")))
+    assert r["wall_s"] > second  # the resumed attempt alone took less: the first one is counted too
+    assert max(m["step"] for m in r["curves"]) == 12
+    assert "resumed from" in open(os.path.join(run_dir, "train.log")).read()

@@ -950,17 +950,30 @@ def pair_values(per_pair: dict, beta0: float) -> dict[str, list[float]]:
             "loss_beta0": [math.log1p(math.exp(-beta0 * x)) if beta0 * x > -30 else -beta0 * x for x in m]}
 
 
+DRIFT_STEPS = 25  # "first" and "last" in the drift columns: the logged training batches of this many steps
+
+
+def drift(result: dict, key: str) -> tuple[float, float]:
+    """A logged training metric's mean over the first and over the last DRIFT_STEPS steps of a run."""
+    tr = curve(result, "train")
+    last = tr[-1]["step"]
+    first_logs, last_logs = [m[key] for m in tr if m["step"] <= DRIFT_STEPS], [m[key] for m in tr if m["step"] > last - DRIFT_STEPS]
+    return sum(first_logs) / len(first_logs), sum(last_logs) / len(last_logs)
+
+
 def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
     """The headline table of a final phase (mean ± 95% t-interval over seeds on `split`), the
     differences to fixed paired by seed, and the smallest difference the design could detect."""
     cols = ("accuracy", "loss@β0", "margin@β0", "logratio chosen", "logratio rejected")
-    rows = [f"| mode | seeds | {' | '.join(cols)} | mean β (training, last log) | validation accuracy | minutes |",
-            "|" + " --- |" * (len(cols) + 5)]
+    rows = [f"| mode | seeds | {' | '.join(cols)} | training β, first → last {DRIFT_STEPS} steps | training prompt PPL, "
+            f"first → last {DRIFT_STEPS} steps | validation accuracy | minutes |",
+            "|" + " --- |" * (len(cols) + 6)]
     for mode in modes:
         rs = [r for r in results if r["mode"] == mode]
         cells = [fmt_ci([r[split]["metrics"][k] for r in rs], digits=3 if k != "loss_beta0" else 4) for k in TEST_KEYS]
-        beta = fmt_ci([curve(r, "train")[-1]["beta/mean"] for r in rs], digits=3)
-        rows.append(f"| {mode} | {len(rs)} | {' | '.join(cells)} | {beta} | "
+        beta, ppl = (" → ".join(f"{mean_ci(v)[0]:.{d}f}" for v in zip(*(drift(r, k) for r in rs)))
+                     for k, d in (("beta/mean", 4), ("ppl/mean", 1)))
+        rows.append(f"| {mode} | {len(rs)} | {' | '.join(cells)} | {beta} | {ppl} | "
                     f"{fmt_ci([r['eval']['rewards/accuracies'] for r in rs], digits=3)} | "
                     f"{mean_ci([r['wall_s'] / 60 for r in rs])[0]:.1f} |")
     fixed = {r["seed"]: r for r in results if r["mode"] == "fixed"}

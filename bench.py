@@ -54,7 +54,6 @@ so it shows what full-vocabulary logits cost in memory, not the speed of a real 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -65,7 +64,7 @@ import torch
 
 from beta_head import BetaHead, dpo_loss, last_token_hidden, masked_ppl
 from data import build_examples, collate, load_rows, normalize_row
-from model_loader import build_model, build_tiny_qwen2, frozen_copy, load_policy, load_tokenizer
+from model_loader import build_model, build_tiny_qwen2, frozen_copy, load_policy, load_tokenizer, peak_memory_gb
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 HH_PAIRS = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
@@ -300,8 +299,7 @@ def worker(args) -> dict:
     w = args.warmup_steps
     result.update(all_real_tokens=result["real_tokens"], real_tokens=result["real_tokens"][w:],
                   prompt_tokens=result["prompt_tokens"][w:], warmup_times=times[:w], step_times=times[w:],
-                  peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                  peak_cuda_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None,
+                  **{"peak_cuda_gb": None, **peak_memory_gb(device)},
                   n_params=sum(p.numel() for n, p in policy.named_parameters() if "lora_" not in n))
     return result
 
@@ -333,7 +331,7 @@ def profile_step(step, batch) -> dict:
 
 def current_rss_gb() -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1e6
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024 / 1e9  # kB = KiB
 
 
 # -----------------------------------------------------------------------------

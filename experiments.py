@@ -128,34 +128,42 @@ E2_TRAIN = dict(eval_fraction=0.1, split_seed=0, max_length=112, max_prompt_leng
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def train_run(run_dir: str, flags: list[str]) -> list[dict]:
-    """Train one configuration into run_dir (resuming; skipped when final/ is complete) -> its curves.
-    SIGTERM or Ctrl-C is passed on to train.py, which checkpoints and stops; the seconds of such an
-    interrupted attempt go to run_dir/attempts.json (earlier_attempts_s), so a resumed run's wall
-    time counts every attempt."""
+def train_run(run_dir: str, flags: list[str]) -> tuple[list[dict], float]:
+    """Train one configuration into run_dir (resuming; skipped when final/ is complete) -> (its
+    curves, the wall seconds of every attempt at it). SIGTERM or Ctrl-C is passed on to train.py,
+    which checkpoints at the end of its step and stops (a second one kills it; the last checkpoint
+    stays); the attempt's seconds then go to run_dir/attempts.json and the runner exits, so a
+    resumed run's time counts every attempt that was stopped."""
     os.makedirs(run_dir, exist_ok=True)
-    t0 = time.time()
+    t0, earlier = time.time(), earlier_attempts_s(run_dir)
     with open(os.path.join(run_dir, "train.log"), "a") as log:
         if not is_complete(os.path.join(run_dir, "final")):
-            proc = subprocess.Popen([sys.executable, "train.py", *flags, "--output_dir", run_dir, "--resume_from", "auto"],
-                                    cwd=HERE, stdout=log, stderr=log)
-            previous = {s: signal.signal(s, lambda *_: proc.send_signal(signal.SIGTERM))
-                        for s in (signal.SIGTERM, signal.SIGINT)}
+            proc, stops = None, []
+
+            def forward(signum, frame):
+                stops.append(signum)
+                if proc is not None:
+                    proc.kill() if len(stops) > 1 else proc.send_signal(signal.SIGTERM)
+            previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
             try:
+                proc = subprocess.Popen([sys.executable, "train.py", *flags, "--output_dir", run_dir,
+                                         "--resume_from", "auto"], cwd=HERE, stdout=log, stderr=log)
+                if stops:  # a signal came before train.py started
+                    proc.send_signal(signal.SIGTERM)
                 rc = proc.wait()
             finally:
                 for s, h in previous.items():
                     signal.signal(s, h)
+            if stops:
+                write_json(os.path.join(run_dir, "attempts.json"), earlier + [time.time() - t0])
+                sys.exit(f"{run_dir}: stopped by a signal; the same command resumes it")
             if rc:
                 raise subprocess.CalledProcessError(rc, proc.args)
-        if not is_complete(os.path.join(run_dir, "final")):  # stopped by a signal, with a checkpoint
-            write_json(os.path.join(run_dir, "attempts.json"), earlier_attempts_s(run_dir) + [time.time() - t0])
-            sys.exit(f"{run_dir}: training stopped before the end; the same command resumes it")
         if not os.path.exists(os.path.join(run_dir, "final", "eval.json")):  # train.py writes it at the end
             subprocess.run([sys.executable, "evaluate.py", "--ckpt", os.path.join(run_dir, "final")],
                            cwd=HERE, stdout=log, stderr=log, check=True)
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return [{k: v for k, v in m.items() if not k.startswith("lr/")} for m in lines]
+    return [{k: v for k, v in m.items() if not k.startswith("lr/")} for m in lines], sum(earlier) + time.time() - t0
 
 
 def earlier_attempts_s(run_dir: str) -> list[float]:
@@ -201,13 +209,14 @@ def run_configs(exp: str, configs: dict[str, dict], extra: list[str], results_di
         else:
             run_dir = os.path.join(runs_dir, exp, name)
             print(f"[{exp}] {name}: training ({run_dir}/train.log)", flush=True)
-            t0, earlier_s = time.time(), sum(earlier_attempts_s(run_dir))
-            curves = train_run(run_dir, argv)
+            curves, wall_s = train_run(run_dir, argv)
             with open(os.path.join(run_dir, "final", "eval.json")) as f:
                 ev = json.load(f)
+            with open(os.path.join(run_dir, "data_report.json")) as f:
+                train_report = json.load(f)["train"]
             out = dict(experiment=exp, name=name, seed=config.get("seed", 0),
-                       config=config, flags=argv, wall_s=earlier_s + time.time() - t0, eval=ev["metrics"], per_pair=ev["per_pair"],
-                       data_report=ev["data_report"], curves=curves)
+                       config=config, flags=argv, wall_s=wall_s, eval=ev["metrics"], per_pair=ev["per_pair"],
+                       data_report=ev["data_report"], train_data_report=train_report, curves=curves)
         out["mode"] = name.rsplit("-s", 1)[0]
         for split, data in (test_data or {}).items():  # extra held-out sets (the test split: the final policy, once)
             out[split] = evaluate_on(run_dir, data, f"eval_{split}")
@@ -457,16 +466,16 @@ def run_e2(modes: list[str], betas: list[float], extra: list[str], results_dir: 
             config = dict(dataset=pairs, model_name_or_path=model, **E2_TRAIN, beta=beta, **MODES[mode], seed=0)
             argv = flags(config) + extra + (["--keep_checkpoints"] if keep else [])
             print(f"[e2] {name}: training ({run_dir}/train.log)", flush=True)
-            t0, earlier_s = time.time(), sum(earlier_attempts_s(run_dir))
-            curves = train_run(run_dir, argv)
+            curves, train_s = train_run(run_dir, argv)
+            t0 = time.time()
             policy = load_policy(os.path.join(run_dir, "final")).eval()
             score = e2_score(policy, reference, tokenizer, seed=1)
+            wall_s = train_s + time.time() - t0
             write_json(result, dict(experiment="e2", mode=mode, beta=beta, config=config, flags=argv,
-                                    wall_s=time.time() - t0, **score,
-                                    curves=curves))
+                                    wall_s=wall_s, **score, curves=curves))
             if not keep:
                 drop_resume_state(run_dir)
-            print(f"[e2] {name}: reward {score['reward']:.3f}, KL {score['kl']:.2f}, {(time.time() - t0) / 60:.1f} min", flush=True)
+            print(f"[e2] {name}: reward {score['reward']:.3f}, KL {score['kl']:.2f}, {wall_s / 60:.1f} min", flush=True)
 
 
 def write_text(path: str, text: str) -> None:
@@ -956,9 +965,9 @@ DRIFT_STEPS = 25  # "first" and "last" in the drift columns: the logged training
 def drift(result: dict, key: str) -> tuple[float, float]:
     """A logged training metric's mean over the first and over the last DRIFT_STEPS steps of a run."""
     tr = curve(result, "train")
-    last = tr[-1]["step"]
-    first_logs, last_logs = [m[key] for m in tr if m["step"] <= DRIFT_STEPS], [m[key] for m in tr if m["step"] > last - DRIFT_STEPS]
-    return sum(first_logs) / len(first_logs), sum(last_logs) / len(last_logs)
+    a = [m[key] for m in tr if m["step"] <= max(DRIFT_STEPS, tr[0]["step"])]  # at least the first log
+    b = [m[key] for m in tr if m["step"] > tr[-1]["step"] - DRIFT_STEPS]  # at least the last
+    return sum(a) / len(a), sum(b) / len(b)
 
 
 def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:

@@ -31,7 +31,9 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -196,6 +198,16 @@ def make_accelerator(precision: str, report_to: list[str] | None = None, logging
     return Accelerator(cpu=not use_cuda, mixed_precision=choose_precision(precision, use_cuda),
                        log_with=report_to or None,
                        project_config=ProjectConfiguration(project_dir=logging_dir, logging_dir=logging_dir))
+
+
+def peak_memory_gb(device: torch.device) -> dict[str, float]:
+    """This process's peak memory so far, in GB (1e9 bytes): resident (imports, model, optimizer state
+    and activations included) and, on CUDA, what torch allocated on the device."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = dict(peak_rss_gb=rss * (1 if sys.platform == "darwin" else 1024) / 1e9)
+    if device.type == "cuda":
+        out["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
 
 
 def autocast_dtype(accelerator: Accelerator) -> torch.dtype | None:

@@ -28,7 +28,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import shutil
 import shlex
 import signal
@@ -48,7 +47,7 @@ from beta_head import DynamicBetaDPOModel, eval_metrics, run_eval, summarize
 from data import THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, load_splits
 from model_loader import (DEFAULT_MODEL, TRACKERS, TRAINER_STATE, add_reference_cache, autocast_dtype, build_model,
                           complete_checkpoints, is_complete, load_tokenizer, load_trainer_state, make_accelerator,
-                          model_card, prune_checkpoints, read_run_config, save_checkpoint, write_eval, write_samples)
+                          model_card, peak_memory_gb, prune_checkpoints, read_run_config, save_checkpoint, write_eval, write_samples)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -630,10 +629,7 @@ def log_train(run: Run, window: list[StepResult], pbar) -> None:
     metrics.update({"grad_norm": window[-1].grad_norm, "lr/policy": run.optimizer.param_groups[0]["lr"],
                     "tokens_per_s": sum(r.tokens for r in window) * accelerator.num_processes / elapsed,
                     "examples_seen": run.step * run.global_batch, "skipped_steps": run.skipped_steps,
-                    # this process's peak so far, imports, model, optimizer state and activations included
-                    "mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6})
-    if accelerator.device.type == "cuda":
-        metrics["mem/peak_cuda_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
+                    **{f"mem/{k}": v for k, v in peak_memory_gb(accelerator.device).items()}})
     if head is not None:
         w_grad, nn_grad = window[-1].head_grads
         metrics.update({"lr/beta_head": run.optimizer.param_groups[-1]["lr"], "beta_head/w": head.w.item(),

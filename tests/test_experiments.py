@@ -170,7 +170,7 @@ def test_a_stopped_run_resumes_and_counts_every_attempt(tiny_qwen2_dir, tmp_path
     import threading
     import experiments as E
     config = dict(model_name_or_path=tiny_qwen2_dir, dataset="demo", eval_split="test", max_eval_examples=4,
-                  max_length=64, max_prompt_length=40, batch_size=2, max_steps=12, log_every_steps=1,
+                  max_length=64, max_prompt_length=40, batch_size=2, max_steps=20, log_every_steps=1,
                   eval_every_steps=0, save_every_steps=0, precision="fp32", seed=0)
     res, runs = str(tmp_path / "results"), str(tmp_path / "runs")
     run_dir = os.path.join(runs, "x", "a-s0")
@@ -179,9 +179,10 @@ def test_a_stopped_run_resumes_and_counts_every_attempt(tiny_qwen2_dir, tmp_path
         metrics = os.path.join(run_dir, "metrics.jsonl")
         while not (os.path.exists(metrics) and sum('"train"' in x for x in open(metrics)) >= 2):
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # the runner's handler, not pytest's death
+            os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=stop_after_the_first_steps, daemon=True).start()
-    with pytest.raises(SystemExit, match="stopped before the end"):
+    with pytest.raises(SystemExit, match="stopped by a signal"):
         E.run_configs("x", {"a-s0": config}, [], res, runs)
     first = json.load(open(os.path.join(run_dir, "attempts.json")))
     assert len(first) == 1 and first[0] > 0 and os.listdir(os.path.join(run_dir, "checkpoints"))
@@ -192,5 +193,5 @@ def test_a_stopped_run_resumes_and_counts_every_attempt(tiny_qwen2_dir, tmp_path
     second = time.time() - t0
     r = json.load(open(os.path.join(res, "x", "a-s0.json")))
     assert r["wall_s"] > second  # the resumed attempt alone took less: the first one is counted too
-    assert max(m["step"] for m in r["curves"]) == 12
+    assert max(m["step"] for m in r["curves"]) == 20 and r["train_data_report"]["kept"] > 0
     assert "resumed from" in open(os.path.join(run_dir, "train.log")).read()

@@ -65,3 +65,13 @@ def test_label_noise_marks_and_swaps_a_seeded_subset():
                rejected="\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: no")
     m = E.mark_prompt(two, "[m] ")
     assert [x["content"] for x in m["prompt"]] == ["a", "b", "[m] c"] and (m["chosen"], m["rejected"]) == ("yes", "no")
+
+
+def test_drift_means_the_first_and_last_logged_steps():
+    """drift: a training metric's mean over the logs of the first and of the last DRIFT_STEPS (25)
+    steps; a run that logs less often still gets its first and last log."""
+    every_5 = dict(curves=[dict(split="train", step=s, x=float(s)) for s in range(5, 201, 5)])
+    assert E.drift(every_5, "x") == (15.0, 190.0)  # steps 5..25 and 180..200
+    every_50 = dict(curves=[dict(split="train", step=s, x=float(s)) for s in (50, 100, 150, 200)]
+                    + [dict(split="eval", step=200, x=-1.0)])
+    assert E.drift(every_50, "x") == (50.0, 200.0)

@@ -217,6 +217,8 @@ def run_configs(exp: str, configs: dict[str, dict], extra: list[str], results_di
             out = dict(experiment=exp, name=name, seed=config.get("seed", 0),
                        config=config, flags=argv, wall_s=wall_s, eval=ev["metrics"], per_pair=ev["per_pair"],
                        data_report=ev["data_report"], train_data_report=train_report, curves=curves)
+            if os.path.exists(os.path.join(run_dir, "pair_beta.jsonl")):  # --log_pair_beta
+                out["pair_beta"] = [json.loads(x) for x in open(os.path.join(run_dir, "pair_beta.jsonl"))]
         out["mode"] = name.rsplit("-s", 1)[0]
         for split, data in (test_data or {}).items():  # extra held-out sets (the test split: the final policy, once)
             out[split] = evaluate_on(run_dir, data, f"eval_{split}")
@@ -1056,6 +1058,47 @@ def e3_rows(results: list[dict], modes: list[str]) -> list[str]:
     return rows
 
 
+def pair_beta_windows(result: dict, noisy: set[int], width: int = DRIFT_STEPS) -> list[tuple[int, float, float, float]]:
+    """E3 during training: a run's per-pair beta (train.py --log_pair_beta) in windows of `width`
+    steps -> [(the window's last step, mean beta of the noisy training rows, of the clean ones,
+    AUC P(beta noisy < beta clean))]. A resumed run logs some steps twice; the later line wins."""
+    by_step = {m["step"]: m for m in result["pair_beta"]}
+    mean = lambda x: sum(x) / len(x) if x else float("nan")  # noqa: E731
+    out = []
+    for end in range(width, max(by_step) + 1, width) or [max(by_step)]:  # a run shorter than a window: one
+        pairs = [(r, b) for s in range(end - width + 1, end + 1) if s in by_step
+                 for r, b in zip(by_step[s]["row"], by_step[s]["beta"])]
+        hi, lo = [b for r, b in pairs if r in noisy], [b for r, b in pairs if r not in noisy]
+        out.append((end, mean(hi), mean(lo), auc(hi, lo) if hi and lo else float("nan")))
+    return out
+
+
+def e3_training_rows(results: list[dict], modes: list[str], noisy: set[int], path: str) -> list[str]:
+    """β of the noisy and clean training pairs during training, first and last window (mean ±
+    95% t over seeds), and the figure of the ratio over training."""
+    import matplotlib.pyplot as plt
+    rows = [f"| mode | seeds | β noisy / clean, steps 1–{DRIFT_STEPS} | last {DRIFT_STEPS} steps | "
+            f"AUC P(β noisy < β clean), steps 1–{DRIFT_STEPS} | last {DRIFT_STEPS} steps |", "| --- | --- | --- | --- | --- | --- |"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for mode in modes:
+        ws = [pair_beta_windows(r, noisy) for r in results if r["mode"] == mode and "pair_beta" in r]
+        if not ws:
+            continue
+        ratio = [[w[1] / w[2] for w in run] for run in ws]
+        rows.append(f"| {mode} | {len(ws)} | {fmt_ci([x[0] for x in ratio], digits=3)} | {fmt_ci([x[-1] for x in ratio], digits=3)} | "
+                    f"{fmt_ci([run[0][3] for run in ws], digits=3)} | {fmt_ci([run[-1][3] for run in ws], digits=3)} |")
+        n = min(len(x) for x in ratio)
+        ax.plot([w[0] for w in ws[0][:n]], [sum(x[i] for x in ratio) / len(ratio) for i in range(n)], marker="o", ms=3,
+                label=f"{mode} ({len(ws)} seeds)")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xlabel=f"step (windows of {DRIFT_STEPS})", ylabel="mean β noisy / mean β clean",
+           title="E3: β of the noisy training pairs, mean over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return rows
+
+
 def plot_final(results: list[dict], modes: list[str], path: str) -> None:
     """Validation loss at beta0 and accuracy during training, and training loss at beta0, per mode
     (mean over seeds)."""
@@ -1150,6 +1193,11 @@ def report_study_final(phase: str, results_dir: str) -> None:
         if phase.startswith("e3"):
             rows += ["", f"β on the {results[0]['eval']['pairs']} validation prompts with and without the noisy subset's "
                      "marker (labels unchanged), per seed, then mean ± 95% t-interval:", ""] + e3_rows(results, modes)
+            if any("pair_beta" in r for r in results):
+                noisy = set(json.load(open(os.path.join(results_dir, "study", "splits.json")))["e3_train"]["noisy_rows"])
+                rows += ["", "β of the training pairs during training (`--log_pair_beta`): the noisy (marked and swapped) "
+                         "rows against the clean ones, per window of steps; mean ± 95% t-interval over seeds:", ""]
+                rows += e3_training_rows(results, modes, noisy, os.path.join(fig_dir, f"study_{phase}_pair_beta.png"))
     write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
     splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))
     print("\n".join(rows))

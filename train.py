@@ -151,6 +151,9 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--resume_from", default=None, help="checkpoint dir to continue from, or 'auto' for the newest complete one")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order and the BetaHead init")
     g.add_argument("--log_every_steps", type=int, default=10, help="log train metrics every this many steps")
+    g.add_argument("--log_pair_beta", action="store_true",
+                   help="also write every training pair's beta at every step to pair_beta.jsonl (step, the pairs' "
+                        "row numbers in the data file, beta): which prompts beta singles out, e.g. a noisy subset")
     g.add_argument("--eval_every_steps", type=int, default=100, help="evaluate every this many steps (0 = only at the end)")
     g.add_argument("--eval_batch_size", type=int, default=8, help="pairs per eval forward per process")
     g.add_argument("--num_samples", type=int, default=0,
@@ -367,10 +370,11 @@ def main(argv=None):
     run = make_run(args, accelerator, model, tokenizer, len(train_examples))
     if resume:
         restore(run, resume)
-    loader = torch.utils.data.DataLoader(
-        train_examples, collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
-        batch_sampler=PairBatchSampler(len(train_examples), args.batch_size, args.seed, accelerator.num_processes,
-                                       accelerator.process_index, start_batch=run.step * args.gradient_accumulation_steps))
+    sampler = partial(PairBatchSampler, len(train_examples), args.batch_size, args.seed, accelerator.num_processes,
+                      accelerator.process_index, start_batch=run.step * args.gradient_accumulation_steps)
+    loader = torch.utils.data.DataLoader(train_examples, collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
+                                         batch_sampler=sampler())
+    pair_order = iter(sampler()) if args.log_pair_beta else None  # the loader's order: which pairs each step trains on
     if model.beta_head is not None and run.step == 0:
         calibrate_beta_head(model, loader, args, accelerator)
 
@@ -384,6 +388,8 @@ def main(argv=None):
             set_lr(run.optimizer, lr_factor(run.step, run.max_steps, run.warmup, args.lr_scheduler))
             batches = [to_device(next(train_iter), accelerator.device) for _ in range(args.gradient_accumulation_steps)]
             result = train_step(run, batches)
+            if pair_order is not None:
+                log_pair_beta(run, result, [train_examples[i]["row"] for _ in batches for i in next(pair_order)])
             if result.finite:
                 run.bad_steps = 0
                 check_weights(run)
@@ -641,6 +647,16 @@ def log_train(run: Run, window: list[StepResult], pbar) -> None:
                    f"margin {metrics['rewards/margins']:.4f} beta {metrics['beta/mean']:.4g} "
                    f"(min {metrics['beta/min']:.3g} max {metrics['beta/max']:.3g}) {metrics['tokens_per_s']:.0f} tok/s, peak RSS {metrics['mem/peak_rss_gb']:.2f} GB")
     run.log_start = time.time()
+
+
+def log_pair_beta(run: Run, result: StepResult, rows: list[int]) -> None:
+    """--log_pair_beta: one line of pair_beta.jsonl per step (the step it leads to), every process's
+    pairs in rank order: their row numbers in the training data file and their beta."""
+    beta = run.accelerator.gather(torch.cat([s["beta"] for s in result.stats]))
+    rows = run.accelerator.gather(torch.tensor(rows, device=run.accelerator.device))
+    if run.accelerator.is_main_process:
+        with open(os.path.join(run.args.output_dir, "pair_beta.jsonl"), "a") as f:
+            f.write(json.dumps(dict(step=run.step + 1, row=rows.tolist(), beta=[round(b, 6) for b in beta.tolist()])) + "\n")
 
 
 def record(run: Run, metrics: dict, split: str, hist: torch.Tensor | None = None) -> None:

@@ -107,7 +107,8 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     fixed, learnable = dict(beta_mode="fixed", max_steps=2, seed=0), dict(beta_mode="learnable", max_steps=2, seed=0)
     monkeypatch.setattr(E, "STUDY_PHASES", {"tune_x": {"fixed-s0": fixed, "learnable-s0": learnable},
                                             "final": {"fixed-s0": fixed, "learnable-s0": learnable},
-                                            "e3": {"fixed-s0": fixed, "learnable-s0": dict(learnable, epsilon=0.9)}})
+                                            "e3": {"fixed-s0": dict(fixed, log_pair_beta=True),
+                                                   "learnable-s0": dict(learnable, epsilon=0.9, log_pair_beta=True)}})
     res, runs = str(tmp_path / "results"), str(tmp_path / "runs")
     paths = E.study_data("demo", runs, res)
     rows = {k: [json.loads(x) for x in open(p)] for k, p in paths.items()}
@@ -147,6 +148,7 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     r3 = json.load(open(os.path.join(res, "study", "e3", "fixed-s0.json")))
     assert "reused_from" not in r3 and r3["config"]["dataset"] == paths["e3_train"]
     assert r3["validation_marked"]["metrics"]["pairs"] == 4
+    assert [m["step"] for m in r3["pair_beta"]] == [1, 2]  # train.py --log_pair_beta, carried into the result
 
     E.report_study_tuning("tune_x", res)  # validation curves, the choice table, what drives beta
     tuned = open(os.path.join(res, "study", "tune_x.md")).read()
@@ -159,6 +161,9 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     assert re.search(r"\| learnable \| 1 \| [+-]\d\.\d{4} \| \[", doc)  # the paired difference, with its pair interval
     assert "partial ρ(β, margin" in doc and "AUC P(β marked < β plain)" in doc
     assert re.search(r"\| fixed \| 1 \| 0\.1000 \| 0\.1000 \| 1\.0000 \| 0\.500 \|", doc)  # a constant beta ignores the marker
+    # ... and the noisy training rows (here 1 of the 4 pairs trained on: row 10 of rows 12, 10, 9, 6)
+    assert "| fixed | 1 | 1.000 | 1.000 | 0.500 | 0.500 |" in doc and re.search(r"\| learnable \| 1 \| \d\.\d{3} \|", doc)
+    assert os.path.getsize(os.path.join(res, "figures", "study_e3_pair_beta.png")) > 10_000
     assert os.path.getsize(os.path.join(res, "figures", "study_final.png")) > 10_000
     assert os.path.getsize(os.path.join(res, "figures", "study_final_beta.png")) > 10_000
 

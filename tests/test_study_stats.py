@@ -75,3 +75,18 @@ def test_drift_means_the_first_and_last_logged_steps():
     every_50 = dict(curves=[dict(split="train", step=s, x=float(s)) for s in (50, 100, 150, 200)]
                     + [dict(split="eval", step=200, x=-1.0)])
     assert E.drift(every_50, "x") == (50.0, 200.0)
+
+
+def test_pair_beta_windows_split_noisy_from_clean():
+    """E3's β during training: per window of steps, the mean β of the noisy rows, of the clean rows,
+    and the AUC P(β noisy < β clean); a step logged twice (a resumed run) counts once, the later line."""
+    log = [dict(step=1, row=[0, 1], beta=[0.1, 0.3]), dict(step=2, row=[2, 3], beta=[9.0, 9.0]),
+           dict(step=2, row=[2, 3], beta=[0.2, 0.4]), dict(step=3, row=[0, 2], beta=[0.5, 0.5]),
+           dict(step=4, row=[1, 3], beta=[0.5, 0.1])]
+    noisy = {0, 2}
+    w = E.pair_beta_windows(dict(pair_beta=log), noisy, width=2)
+    # steps 1-2: noisy 0.1, 0.2 (mean 0.15); clean 0.3, 0.4 (0.35); every noisy beta < every clean: AUC 1
+    assert [x[0] for x in w] == [2, 4]
+    assert w[0][1:] == pytest.approx((0.15, 0.35, 1.0))
+    # steps 3-4: noisy 0.5, 0.5; clean 0.5, 0.1: pairs (0.5 vs 0.5) tie twice, (0.5 vs 0.1) lose twice -> 1/4
+    assert w[1][1:] == pytest.approx((0.5, 0.3, 0.25))

@@ -304,3 +304,29 @@ def test_non_finite_weights_are_never_saved(tiny_qwen2_dir, tmp_path):
         train.main(common(tiny_qwen2_dir, out, "--max_steps", "3", "--policy_lr", "1e38", "--weight_decay", "10",
                           "--save_every_steps", "1"))
     assert not (out / "final").exists() and not (out / "checkpoints").exists()
+
+
+def test_pair_beta_log_names_the_pairs_each_step_trained_on(tiny_qwen2_dir, tmp_path):
+    """--log_pair_beta: one line per step with every pair's row number and beta, in the loader's
+    order. Checked where beta is known from outside: at step 1 (f(h) = 1, the policy not yet moved)
+    a pair's beta is w times its prompt's perplexity under the starting model, so beta / PPL is the
+    same for every logged pair only if the rows name the right prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from data import build_examples, load_rows
+    out = tmp_path / "run"
+    train.main(common(tiny_qwen2_dir, out, "--beta_mode", "learnable", "--max_steps", "2",
+                      "--gradient_accumulation_steps", "2", "--log_pair_beta"))
+    lines = [json.loads(x) for x in open(out / "pair_beta.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2] and all(len(m["row"]) == len(m["beta"]) == 4 for m in lines)
+    examples, _ = build_examples(load_rows("demo"), AutoTokenizer.from_pretrained(tiny_qwen2_dir), 64, 40)
+    prompt = {e["row"]: e["prompt_ids"] for e in examples}
+    policy = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir).eval()
+
+    def ppl(ids):  # masked_ppl of one unpadded prompt: the first token has no context and is left out
+        with torch.no_grad():
+            logps = torch.log_softmax(policy(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        return math.exp(-logps[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean().item())
+    ppls = [ppl(prompt[r]) for r in lines[0]["row"]]
+    ratios = [b / p for b, p in zip(lines[0]["beta"], ppls)]
+    assert max(ppls) / min(ppls) > 1.01  # the prompts differ (by ~2% on the random model): a wrong row would show
+    assert max(ratios) / min(ratios) == pytest.approx(1.0, abs=1e-4)

@@ -866,16 +866,20 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
     if learn:
         rows += ["", "What drives β in the learnable runs: the final policy's β on the validation pairs, its Spearman "
                  "correlation with the prompt's PPL and its length in tokens, and β on intact and on truncated prompts:", "",
-                 "| run | β mean [min, max] | ρ(β, PPL) | ρ(β, prompt tokens) | median β, intact / truncated prompts (n) |",
-                 "| --- | --- | --- | --- | --- |"]
+                 "| run | β mean [min, max] | ρ(β, PPL) | ρ(β, prompt tokens) | median β, intact / truncated prompts (n) | "
+                 "w, first → last log | f(h) = β / (w · PPL term), mean [min, max] |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in learn:
-            p = r["per_pair"]
+            p, tr = r["per_pair"], curve(r, "train")
             med = lambda xs: f"{sorted(xs)[len(xs) // 2]:.4f}" if xs else "–"  # noqa: E731
             intact = [b for b, c in zip(p["beta"], p["prompt_truncated"]) if not c]
             cut = [b for b, c in zip(p["beta"], p["prompt_truncated"]) if c]
+            f = head_factor(r, p)
             rows.append(f"| {r['name']} | {sum(p['beta']) / len(p['beta']):.4f} [{min(p['beta']):.4f}, {max(p['beta']):.4f}] | "
                         f"{spearman(p['beta'], p['ppl']):+.3f} | {spearman(p['beta'], p['prompt_tokens']):+.3f} | "
-                        f"{med(intact)} / {med(cut)} ({len(intact)} / {len(cut)}) |")
+                        f"{med(intact)} / {med(cut)} ({len(intact)} / {len(cut)}) | "
+                        f"{tr[0]['beta_head/w']:.4g} → {tr[-1]['beta_head/w']:.4g} | "
+                        f"{sum(f) / len(f):.3f} [{min(f):.3f}, {max(f):.3f}] |")
     write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
     splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))
     print("\n".join(rows))
@@ -1012,16 +1016,27 @@ def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
     return rows
 
 
+def head_factor(result: dict, per_pair: dict) -> list[float]:
+    """A learnable run's f(h) = beta / (w * PPL term) on held-out pairs, from its final w (the last
+    training log) and its PPL transform: what the NN does to each pair's beta, in [1 - eps, 1 + eps]
+    (a clamped pair's beta would show as a value outside it)."""
+    w = curve(result, "train")[-1]["beta_head/w"]
+    scale = ppl_scale(torch.tensor(per_pair["ppl"]), result["config"].get("ppl_transform", "ppl")).tolist()
+    return [b / (w * s) for b, s in zip(per_pair["beta"], scale)]
+
+
 def beta_analysis_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
     """Beta against the margin on `split` in each learnable mode, with prompt length and truncation
     held fixed: raw and partial Spearman correlations (pairs of all seeds pooled), and per stratum."""
     rows = ["| mode | pairs | ρ(β, prompt tokens) | ρ(β, margin) | partial ρ(β, margin \\| tokens, truncated) | "
-            "ρ(β, margin): intact prompts, short / long half | truncated prompts | mean β intact / truncated |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "ρ(β, margin): intact prompts, short / long half | truncated prompts | mean β intact / truncated | "
+            "f(h) mean [min, max] |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in [m for m in modes if m.startswith("learnable")]:
-        beta, marg, tokens, cut = [], [], [], []
+        beta, marg, tokens, cut, f = [], [], [], [], []
         for r in (r for r in results if r["mode"] == mode):
             p = r[split]["per_pair"]
+            f += head_factor(r, p)
             beta += p["beta"]
             marg += margins(p)
             tokens += p["prompt_tokens"]
@@ -1034,7 +1049,8 @@ def beta_analysis_rows(results: list[dict], modes: list[str], split: str) -> lis
         mean = lambda idx: f"{sum(beta[i] for i in idx) / len(idx):.4g}" if idx else "–"  # noqa: E731
         rows.append(f"| {mode} | {len(beta)} | {spearman(beta, tokens):+.3f} | {spearman(beta, marg):+.3f} | "
                     f"{partial_spearman(beta, marg, [tokens, cut]):+.3f} | {rho(strata[0])} / {rho(strata[1])} | "
-                    f"{rho(strata[2])} | {mean(intact)} / {mean(strata[2])} |")
+                    f"{rho(strata[2])} | {mean(intact)} / {mean(strata[2])} | "
+                    f"{sum(f) / len(f):.3f} [{min(f):.3f}, {max(f):.3f}] |")
     return rows
 
 

@@ -90,3 +90,13 @@ def test_pair_beta_windows_split_noisy_from_clean():
     assert w[0][1:] == pytest.approx((0.15, 0.35, 1.0))
     # steps 3-4: noisy 0.5, 0.5; clean 0.5, 0.1: pairs (0.5 vs 0.5) tie twice, (0.5 vs 0.1) lose twice -> 1/4
     assert w[1][1:] == pytest.approx((0.5, 0.3, 0.25))
+
+
+def test_head_factor_is_beta_over_w_times_the_ppl_term():
+    """f(h) = beta / (w * PPL term) with the run's last w and its PPL transform."""
+    curves = [dict(split="train", step=1, **{"beta_head/w": 9.0}), dict(split="train", step=2, **{"beta_head/w": 0.5})]
+    pairs = dict(ppl=[math.e, math.e ** 2], beta=[0.55, 0.9])
+    log = dict(curves=curves, config=dict(ppl_transform="log"))
+    assert E.head_factor(log, pairs) == pytest.approx([1.1, 0.9])  # 0.55 / (0.5 * 1), 0.9 / (0.5 * 2)
+    spec = dict(curves=curves, config={})  # the spec's transform: PPL itself
+    assert E.head_factor(spec, dict(ppl=[2.0, 4.0], beta=[1.1, 1.8])) == pytest.approx([1.1, 0.9])

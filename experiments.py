@@ -532,14 +532,17 @@ def margins(per_pair: dict) -> list[float]:
                                                             p["policy_rejected_logps"], p["reference_rejected_logps"])]
 
 
-def head_factor(result: dict) -> list[float]:
-    """f(h) = beta / (w * PPL) (or w * log PPL) of each held-out pair of a learnable run, from the
-    saved per-pair beta and PPL and the final w; pairs whose beta was clamped are left out."""
-    p, w = result["per_pair"], result["eval"]["beta_head/w"]
+def head_factor(result: dict, split: str = "eval") -> list[float]:
+    """f(h) = beta / (w * PPL) (or w * log PPL) of each pair of a learnable run's held-out `split`
+    ("eval", or "test" in the study's final phases), from the saved per-pair beta and PPL and the
+    final w: what the NN does to each pair's beta, in [1 - eps, 1 + eps]. Pairs whose beta was
+    clamped are left out."""
+    metrics, p = (result["eval"], result["per_pair"]) if split == "eval" else (result[split]["metrics"], result[split]["per_pair"])
+    w = metrics["beta_head/w"]
     scale = ppl_scale(torch.tensor(p["ppl"], dtype=torch.float64), config_of(result).get("ppl_transform", "ppl")).tolist()
     lo, hi = min(p["beta"]), max(p["beta"])  # clamped values sit exactly at the bounds
     return [b / (w * s) for b, s in zip(p["beta"], scale)
-            if not (result["eval"]["beta/clamped_frac"] > 0 and b in (lo, hi))]
+            if not (metrics["beta/clamped_frac"] > 0 and b in (lo, hi))]
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -874,7 +877,7 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
             med = lambda xs: f"{sorted(xs)[len(xs) // 2]:.4f}" if xs else "–"  # noqa: E731
             intact = [b for b, c in zip(p["beta"], p["prompt_truncated"]) if not c]
             cut = [b for b, c in zip(p["beta"], p["prompt_truncated"]) if c]
-            f = head_factor(r, p)
+            f = head_factor(r)
             rows.append(f"| {r['name']} | {sum(p['beta']) / len(p['beta']):.4f} [{min(p['beta']):.4f}, {max(p['beta']):.4f}] | "
                         f"{spearman(p['beta'], p['ppl']):+.3f} | {spearman(p['beta'], p['prompt_tokens']):+.3f} | "
                         f"{med(intact)} / {med(cut)} ({len(intact)} / {len(cut)}) | "
@@ -1016,15 +1019,6 @@ def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
     return rows
 
 
-def head_factor(result: dict, per_pair: dict) -> list[float]:
-    """A learnable run's f(h) = beta / (w * PPL term) on held-out pairs, from its final w (the last
-    training log) and its PPL transform: what the NN does to each pair's beta, in [1 - eps, 1 + eps]
-    (a clamped pair's beta would show as a value outside it)."""
-    w = curve(result, "train")[-1]["beta_head/w"]
-    scale = ppl_scale(torch.tensor(per_pair["ppl"]), result["config"].get("ppl_transform", "ppl")).tolist()
-    return [b / (w * s) for b, s in zip(per_pair["beta"], scale)]
-
-
 def beta_analysis_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
     """Beta against the margin on `split` in each learnable mode, with prompt length and truncation
     held fixed: raw and partial Spearman correlations (pairs of all seeds pooled), and per stratum."""
@@ -1036,7 +1030,7 @@ def beta_analysis_rows(results: list[dict], modes: list[str], split: str) -> lis
         beta, marg, tokens, cut, f = [], [], [], [], []
         for r in (r for r in results if r["mode"] == mode):
             p = r[split]["per_pair"]
-            f.append(head_factor(r, p))  # per seed: the NN can saturate at either end of its band
+            f.append(head_factor(r, split))  # per seed: the NN can saturate at either end of its band
             beta += p["beta"]
             marg += margins(p)
             tokens += p["prompt_tokens"]

@@ -93,10 +93,11 @@ def test_pair_beta_windows_split_noisy_from_clean():
 
 
 def test_head_factor_is_beta_over_w_times_the_ppl_term():
-    """f(h) = beta / (w * PPL term) with the run's last w and its PPL transform."""
-    curves = [dict(split="train", step=1, **{"beta_head/w": 9.0}), dict(split="train", step=2, **{"beta_head/w": 0.5})]
-    pairs = dict(ppl=[math.e, math.e ** 2], beta=[0.55, 0.9])
-    log = dict(curves=curves, config=dict(ppl_transform="log"))
-    assert E.head_factor(log, pairs) == pytest.approx([1.1, 0.9])  # 0.55 / (0.5 * 1), 0.9 / (0.5 * 2)
-    spec = dict(curves=curves, config={})  # the spec's transform: PPL itself
-    assert E.head_factor(spec, dict(ppl=[2.0, 4.0], beta=[1.1, 1.8])) == pytest.approx([1.1, 0.9])
+    """f(h) = beta / (w * PPL term) with the run's final w and its PPL transform, on the split asked
+    for; a clamped pair (its beta at a bound, with beta/clamped_frac > 0) is left out."""
+    test = dict(metrics={"beta_head/w": 0.5, "beta/clamped_frac": 0.0}, per_pair=dict(ppl=[math.e, math.e ** 2], beta=[0.55, 0.9]))
+    log = dict(config=dict(ppl_transform="log"), test=test)
+    assert E.head_factor(log, "test") == pytest.approx([1.1, 0.9])  # 0.55 / (0.5 * 1), 0.9 / (0.5 * 2)
+    spec = dict(config={}, eval={"beta_head/w": 0.5, "beta/clamped_frac": 0.5},  # the spec: PPL itself
+                per_pair=dict(ppl=[1.0, 2.0, 4.0, 10.0], beta=[0.3, 1.1, 1.8, 3.0]))  # 0.3, 3.0: clamped at the bounds
+    assert E.head_factor(spec) == pytest.approx([1.1, 0.9])

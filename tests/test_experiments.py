@@ -1,6 +1,7 @@
 """The experiment runner: runs, skips finished runs, and rebuilds tables and figures from results."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -108,7 +109,9 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     monkeypatch.setattr(E, "STUDY_PHASES", {"tune_x": {"fixed-s0": fixed, "learnable-s0": learnable},
                                             "final": {"fixed-s0": fixed, "learnable-s0": learnable},
                                             "e3": {"fixed-s0": dict(fixed, log_pair_beta=True),
-                                                   "learnable-s0": dict(learnable, epsilon=0.9, log_pair_beta=True)}})
+                                                   "learnable-s0": dict(learnable, epsilon=0.9, log_pair_beta=True)},
+                                            "runaway": {"headlr-noclamp-s0": dict(learnable, beta_head_lr=1e-2, beta_min=0.0,
+                                                                                  beta_max=math.inf)}})
     res, runs = str(tmp_path / "results"), str(tmp_path / "runs")
     paths = E.study_data("demo", runs, res)
     rows = {k: [json.loads(x) for x in open(p)] for k, p in paths.items()}
@@ -166,6 +169,18 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     assert os.path.getsize(os.path.join(res, "figures", "study_e3_pair_beta.png")) > 10_000
     assert os.path.getsize(os.path.join(res, "figures", "study_final.png")) > 10_000
     assert os.path.getsize(os.path.join(res, "figures", "study_final_beta.png")) > 10_000
+    # the runaway: no clamp (an infinite beta_max passes through the runner to train.py), w over steps
+    E.run_study("runaway", "demo", [], res, runs)
+    rr = json.load(open(os.path.join(res, "study", "runaway", "headlr-noclamp-s0.json")))
+    assert rr["flags"][rr["flags"].index("--beta_max") + 1] == "inf" and rr["test"]["metrics"]["pairs"] == 6
+    with open(tmp_path / "report.md", "a") as f:
+        f.write("<!-- BEGIN study_runaway -->\n<!-- END study_runaway -->\n")
+    E.report_study_final("runaway", res)
+    w = [m["beta_head/w"] for m in E.curve(rr, "train")]
+    row = re.search(r"\| headlr-noclamp-s0 \| (\S+) → (\S+) \| \S+ → \S+ \| 0\.000 \| \d\.\d{3} \| \d\.\d{4} \|",
+                    open(tmp_path / "report.md").read())
+    assert row and [float(x) for x in row.groups()] == [float(f"{w[0]:.4g}"), float(f"{w[-1]:.4g}")]
+    assert os.path.getsize(os.path.join(res, "figures", "study_runaway.png")) > 10_000
 
 
 def test_a_stopped_run_resumes_and_counts_every_attempt(tiny_qwen2_dir, tmp_path):

@@ -1186,13 +1186,15 @@ def report_study_final(phase: str, results_dir: str) -> None:
     rows = [f"# study, {phase}: the final policies on the test split ({n_test} pairs, evaluated once)\n"]
     if phase.startswith("runaway"):
         plot_runaway(results, os.path.join(fig_dir, f"study_{phase}.png"))
-        rows += ["| run | w first → last log | mean β first → last | max clamped fraction | test accuracy | test loss@β0 |",
-                 "| --- | --- | --- | --- | --- | --- |"]
+        rows += ["| run | w first → last log | mean β first → last log | max clamped fraction | test β mean [min, max] | "
+                 "test f(h), mean [min, max] | test accuracy | test loss@β0 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in results:
-            tr = curve(r, "train")
+            tr, t, f = curve(r, "train"), r["test"]["metrics"], head_factor(r, "test")
+            f_text = f"{sum(f) / len(f):.3f} [{min(f):.3f}, {max(f):.3f}]" if f else "– (every pair clamped)"
             rows.append(f"| {r['name']} | {tr[0]['beta_head/w']:.4g} → {tr[-1]['beta_head/w']:.4g} | "
                         f"{tr[0]['beta/mean']:.4g} → {tr[-1]['beta/mean']:.4g} | {max(m['beta/clamped_frac'] for m in tr):.3f} | "
-                        f"{r['test']['metrics']['rewards/accuracies']:.3f} | {r['test']['metrics']['loss_beta0']:.4f} |")
+                        f"{t['beta/mean']:.4g} [{t['beta/min']:.4g}, {t['beta/max']:.4g}] | {f_text} | "
+                        f"{t['rewards/accuracies']:.3f} | {t['loss_beta0']:.4f} |")
     else:
         plot_final(results, modes, os.path.join(fig_dir, f"study_{phase}.png"))
         rows += final_rows(results, modes, "test")

@@ -1024,13 +1024,15 @@ def beta_analysis_rows(results: list[dict], modes: list[str], split: str) -> lis
     held fixed: raw and partial Spearman correlations (pairs of all seeds pooled), and per stratum."""
     rows = ["| mode | pairs | ρ(β, prompt tokens) | ρ(β, margin) | partial ρ(β, margin \\| tokens, truncated) | "
             "ρ(β, margin): intact prompts, short / long half | truncated prompts | mean β intact / truncated | "
-            "f(h) per seed, mean [min, max] |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "f(h) per seed, mean [min, max] | w per seed, change first → last training log |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in [m for m in modes if m.startswith("learnable")]:
-        beta, marg, tokens, cut, f = [], [], [], [], []
+        beta, marg, tokens, cut, f, w = [], [], [], [], [], []
         for r in (r for r in results if r["mode"] == mode):
             p = r[split]["per_pair"]
             f.append(head_factor(r, split))  # per seed: the NN can saturate at either end of its band
+            tr = curve(r, "train")
+            w.append(tr[-1]["beta_head/w"] / tr[0]["beta_head/w"] - 1)
             beta += p["beta"]
             marg += margins(p)
             tokens += p["prompt_tokens"]
@@ -1044,7 +1046,8 @@ def beta_analysis_rows(results: list[dict], modes: list[str], split: str) -> lis
         rows.append(f"| {mode} | {len(beta)} | {spearman(beta, tokens):+.3f} | {spearman(beta, marg):+.3f} | "
                     f"{partial_spearman(beta, marg, [tokens, cut]):+.3f} | {rho(strata[0])} / {rho(strata[1])} | "
                     f"{rho(strata[2])} | {mean(intact)} / {mean(strata[2])} | "
-                    + "; ".join(f"{sum(x) / len(x):.3f} [{min(x):.3f}, {max(x):.3f}]" for x in f) + " |")
+                    + "; ".join(f"{sum(x) / len(x):.3f} [{min(x):.3f}, {max(x):.3f}]" for x in f) + " | "
+                    + "; ".join(f"{x:+.1%}" for x in w) + " |")
     return rows
 
 

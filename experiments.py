@@ -984,8 +984,8 @@ def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
     differences to fixed paired by seed, and the smallest difference the design could detect."""
     cols = ("accuracy", "loss@β0", "margin@β0", "logratio chosen", "logratio rejected")
     rows = [f"| mode | seeds | {' | '.join(cols)} | training β, first → last {DRIFT_STEPS} steps | training prompt PPL, "
-            f"first → last {DRIFT_STEPS} steps | validation accuracy | minutes |",
-            "|" + " --- |" * (len(cols) + 6)]
+            f"first → last {DRIFT_STEPS} steps | validation accuracy | validation loss@β0 | minutes |",
+            "|" + " --- |" * (len(cols) + 7)]
     for mode in modes:
         rs = [r for r in results if r["mode"] == mode]
         cells = [fmt_ci([r[split]["metrics"][k] for r in rs], digits=3 if k != "loss_beta0" else 4) for k in TEST_KEYS]
@@ -993,6 +993,7 @@ def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
                      for k, d in (("beta/mean", 4), ("ppl/mean", 1)))
         rows.append(f"| {mode} | {len(rs)} | {' | '.join(cells)} | {beta} | {ppl} | "
                     f"{fmt_ci([r['eval']['rewards/accuracies'] for r in rs], digits=3)} | "
+                    f"{fmt_ci([r['eval']['loss_beta0'] for r in rs], digits=4)} | "
                     f"{mean_ci([r['wall_s'] / 60 for r in rs])[0]:.1f} |")
     fixed = {r["seed"]: r for r in results if r["mode"] == "fixed"}
     if not fixed:
@@ -1002,8 +1003,8 @@ def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
              "[95% interval from resampling the test pairs]; 'detectable' is the smallest true difference the seeds "
              "would detect with 80% power at α = 0.05, from the observed seed-to-seed s.d. of the difference "
              "((t.975 + t.80) · s.d. / √n).", "",
-             "| mode | seeds | Δ accuracy | [pairs] | detectable | Δ loss@β0 | [pairs] | detectable |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| mode | seeds | Δ accuracy | [pairs] | detectable | Δ loss@β0 | [pairs] | detectable | "
+             "Δ validation loss@β0, per seed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in [m for m in modes if m != "fixed"]:
         rs = [r for r in results if r["mode"] == mode and r["seed"] in fixed]
         cells = []
@@ -1015,6 +1016,7 @@ def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
             n, half = len(d), mean_ci(d)[1]  # half = t.975 * s.d. / sqrt(n)
             mdd = half * (T95.get(n - 1, 1.96) + T80.get(n - 1, 0.84)) / T95.get(n - 1, 1.96) if n > 1 else float("nan")
             cells += [fmt_ci(d, signed=True), f"[{lo:+.4f}, {hi:+.4f}]", "–" if math.isnan(mdd) else f"{mdd:.4f}"]
+        cells.append("; ".join(f"{r['eval']['loss_beta0'] - fixed[r['seed']]['eval']['loss_beta0']:+.4f}" for r in rs))
         rows.append(f"| {mode} | {len(rs)} | " + " | ".join(cells) + " |")
     return rows
 

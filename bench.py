@@ -192,7 +192,9 @@ def setup_trl(args, policy, tok, examples, rows, cache: bool, tmp: str, n_steps:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    ours = {} if precision is None else dict(bf16=precision == "bf16", fp16=False, activation_checkpointing=False)
+    # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing (a GPU image may hold an older one)
+    ckpt = next(k for k in ("activation_checkpointing", "gradient_checkpointing") if k in DPOConfig.__dataclass_fields__)
+    ours = {} if precision is None else dict(bf16=precision == "bf16", fp16=False, **{ckpt: False})
     config = DPOConfig(
         output_dir=tmp, report_to=[], use_cpu=args.device == "cpu", **ours, loss_type=["sigmoid"], beta=BETA, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused",  # TRL's default, = train.py's AdamW(fused=True)
@@ -226,7 +228,7 @@ def setup_trl(args, policy, tok, examples, rows, cache: bool, tmp: str, n_steps:
             times.append(time.perf_counter() - self.t0)
 
     trainer.add_callback(StepTimer())
-    own_tokens.update(bf16=config.bf16, activation_checkpointing=config.activation_checkpointing)
+    own_tokens.update(bf16=config.bf16, activation_checkpointing=getattr(config, ckpt))
     return trainer.train, times, own_tokens
 
 
@@ -512,9 +514,13 @@ def main_arch(args, model_dir: str) -> dict:
     """--arch: one pass over ARCH_CONFIGS (TRL's only when trl and datasets import): step time,
     tokens/s, MFU and peak memory of each. Meant for --device cuda; on CPU (with a tiny config) it
     checks the script before device time is spent on it."""
-    import importlib.util
-    names = [n for n in ARCH_CONFIGS if not n.startswith("trl") or
-             (importlib.util.find_spec("trl") and importlib.util.find_spec("datasets"))]
+    try:
+        import datasets, trl  # noqa: F401  (importable, not only present: datasets needs pyarrow >= 24)
+        has_trl = True
+    except ImportError as e:
+        print(f"TRL rows skipped: {e}", flush=True)
+        has_trl = False
+    names = [n for n in ARCH_CONFIGS if has_trl or not n.startswith("trl")]
     cuda = args.device == "cuda"
     device_name, peak = (torch.cuda.get_device_name() if cuda else cpu_model()), peaks(args.threads, args.device)
     print(f"{device_name}: {8192 if cuda else 2048}^3 matmul: bf16 {peak['bf16'] / 1e3:.0f} TFLOP/s, fp32 {peak['fp32'] / 1e3:.0f} TFLOP/s; "
@@ -522,7 +528,11 @@ def main_arch(args, model_dir: str) -> dict:
     rows = []
     for name in names:
         t0 = time.time()
-        r = run_config(args, name, model_dir)
+        try:  # one config failing (out of memory, a library's version) leaves the others' rows
+            r = run_config(args, name, model_dir)
+        except SystemExit as e:
+            print(e, flush=True)
+            continue
         N, tokens, step = r["n_params"], statistics.mean(r["real_tokens"]), statistics.median(r["step_times"])
         shared = name.startswith("ours")
         computed = tokens - statistics.mean(r["prompt_tokens"]) if shared else tokens
@@ -533,14 +543,16 @@ def main_arch(args, model_dir: str) -> dict:
                          peak_memory_gb=memory, runs=r))
         print(f"{name:28s} {step:6.3f} s/step, {tokens / step:8.0f} real tokens/s, MFU {100 * rows[-1]['mfu']:.1f}%, "
               f"peak {'CUDA memory' if cuda else 'RSS'} {memory:.1f} GB ({time.time() - t0:.0f} s wall)", flush=True)
-    print(f"\n{time.strftime('%Y-%m-%d')}, {device_name}, torch {torch.__version__}: {args.arch} with random weights, "
+    import transformers
+    versions = dict(torch=torch.__version__, transformers=transformers.__version__, **({"trl": trl.__version__} if has_trl else {}))
+    print(f"\n{time.strftime('%Y-%m-%d')}, {device_name}, {', '.join(f'{k} {v}' for k, v in versions.items())}: {args.arch} with random weights, "
           f"{args.batch_size} pairs x {args.max_length} tokens, bf16 autocast, {args.steps} measured steps\n")
     print(f"| config | s/step | real tokens/s | MFU vs {args.peak_tflops:.0f} TFLOP/s | peak {'CUDA memory' if cuda else 'RSS'} GB |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row['config'].split('@')[0]} | {row['step_s']:.3f} | {row['tokens_per_s']:.0f} | "
               f"{100 * row['mfu']:.1f}% | {row['peak_memory_gb']:.1f} |")
-    return dict(device=device_name, matmul_gflops=peak, summary=[{k: v for k, v in r.items() if k != "runs"} for r in rows],
+    return dict(device=device_name, versions=versions, matmul_gflops=peak, summary=[{k: v for k, v in r.items() if k != "runs"} for r in rows],
                 runs={r["config"]: r["runs"] for r in rows})
 
 

@@ -532,17 +532,23 @@ def margins(per_pair: dict) -> list[float]:
                                                             p["policy_rejected_logps"], p["reference_rejected_logps"])]
 
 
-def head_factor(result: dict, split: str = "eval") -> list[float]:
-    """f(h) = beta / (w * PPL) (or w * log PPL) of each pair of a learnable run's held-out `split`
-    ("eval", or "test" in the study's final phases), from the saved per-pair beta and PPL and the
+def head_terms(result: dict, split: str = "eval") -> dict[int, tuple[float, float]]:
+    """{row: (PPL term, f(h))} of each pair of a learnable run's held-out `split` ("eval", or "test"
+    and "validation_marked" in the study's final phases): beta = w * PPL term * f(h), the PPL term
+    being PPL or log PPL, f(h) = beta / (w * PPL term) from the saved per-pair beta and PPL and the
     final w: what the NN does to each pair's beta, in [1 - eps, 1 + eps]. Pairs whose beta was
     clamped are left out."""
     metrics, p = (result["eval"], result["per_pair"]) if split == "eval" else (result[split]["metrics"], result[split]["per_pair"])
     w = metrics["beta_head/w"]
     scale = ppl_scale(torch.tensor(p["ppl"], dtype=torch.float64), config_of(result).get("ppl_transform", "ppl")).tolist()
     lo, hi = min(p["beta"]), max(p["beta"])  # clamped values sit exactly at the bounds
-    return [b / (w * s) for b, s in zip(p["beta"], scale)
-            if not (metrics["beta/clamped_frac"] > 0 and b in (lo, hi))]
+    return {i: (s, b / (w * s)) for i, b, s in zip(p["row"], p["beta"], scale)
+            if not (metrics["beta/clamped_frac"] > 0 and b in (lo, hi))}
+
+
+def head_factor(result: dict, split: str = "eval") -> list[float]:
+    """f(h) of each unclamped pair of `split` (head_terms)."""
+    return [f for _, f in head_terms(result, split).values()]
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -1055,12 +1061,16 @@ def beta_analysis_rows(results: list[dict], modes: list[str], split: str) -> lis
 
 def e3_rows(results: list[dict], modes: list[str]) -> list[str]:
     """Does beta learn the noisy subset? The same validation prompts with and without E3's marker:
-    mean beta on each, and the AUC P(beta marked < beta plain) (0.5 = beta ignores the marker)."""
-    rows = ["| mode | seeds | mean β, plain validation prompts | marked | paired β ratio marked / plain | AUC P(β marked < β plain) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    mean beta on each, and the AUC P(beta marked < beta plain) (0.5 = beta ignores the marker).
+    For learnable beta the paired ratio splits into its two factors (w is the same for both): the
+    PPL term's, which the marker changes through the prompt's text, and f(h)'s, what the NN learned
+    (1 at step 0: its last layer starts at zero)."""
+    rows = ["| mode | seeds | mean β, plain validation prompts | marked | paired β ratio marked / plain | "
+            "AUC P(β marked < β plain) | ratio of the PPL term | ratio of f(h) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in modes:
         rs = [r for r in results if r["mode"] == mode]
-        plain, marked, ratio, aucs = [], [], [], []
+        plain, marked, ratio, aucs, ppl_ratio, f_ratio = [], [], [], [], [], []
         for r in rs:
             a = dict(zip(r["per_pair"]["row"], r["per_pair"]["beta"]))
             b = dict(zip(r["validation_marked"]["per_pair"]["row"], r["validation_marked"]["per_pair"]["beta"]))
@@ -1069,7 +1079,13 @@ def e3_rows(results: list[dict], modes: list[str]) -> list[str]:
             marked.append(sum(b[i] for i in common) / len(common))
             ratio.append(sum(b[i] / a[i] for i in common) / len(common))
             aucs.append(auc([b[i] for i in common], [a[i] for i in common]))
-        rows.append(f"| {mode} | {len(rs)} | {fmt_ci(plain)} | {fmt_ci(marked)} | {fmt_ci(ratio)} | {fmt_ci(aucs, digits=3)} |")
+            if r["config"]["beta_mode"] == "learnable":
+                tp, tm = head_terms(r), head_terms(r, "validation_marked")
+                both = sorted(set(tp) & set(tm))
+                ppl_ratio.append(sum(tm[i][0] / tp[i][0] for i in both) / len(both))
+                f_ratio.append(sum(tm[i][1] / tp[i][1] for i in both) / len(both))
+        terms = f"{fmt_ci(ppl_ratio)} | {fmt_ci(f_ratio)}" if f_ratio else "– | –"
+        rows.append(f"| {mode} | {len(rs)} | {fmt_ci(plain)} | {fmt_ci(marked)} | {fmt_ci(ratio)} | {fmt_ci(aucs, digits=3)} | {terms} |")
     return rows
 
 

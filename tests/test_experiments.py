@@ -163,7 +163,13 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     doc = open(tmp_path / "report.md").read()
     assert re.search(r"\| learnable \| 1 \| [+-]\d\.\d{4} \| \[", doc)  # the paired difference, with its pair interval
     assert "partial ρ(β, margin" in doc and "AUC P(β marked < β plain)" in doc
-    assert re.search(r"\| fixed \| 1 \| 0\.1000 \| 0\.1000 \| 1\.0000 \| 0\.500 \|", doc)  # a constant beta ignores the marker
+    assert re.search(r"\| fixed \| 1 \| 0\.1000 \| 0\.1000 \| 1\.0000 \| 0\.500 \| – \| – \|", doc)  # a constant beta ignores the marker
+    # learnable beta's marked / plain ratio splits into the PPL term's (here PPL itself) and f(h)'s
+    assert re.search(r"\| learnable \| 1 \| [^|]+ \| [^|]+ \| \d\.\d{4} \| \d\.\d{3} \| \d\.\d{4} \| \d\.\d{4} \|", doc)
+    rl = json.load(open(os.path.join(res, "study", "e3", "learnable-s0.json")))
+    terms, p = E.head_terms(rl, "validation_marked"), rl["validation_marked"]["per_pair"]
+    assert sorted(terms) == p["row"] and [terms[i][0] for i in p["row"]] == pytest.approx(p["ppl"], rel=1e-9)
+    assert all(abs(f - 1) <= 0.9 + 1e-6 for _, f in terms.values())  # inside the NN's band, eps 0.9
     # ... and the noisy training rows (here 1 of the 4 pairs trained on: row 10 of rows 12, 10, 9, 6)
     assert "| fixed | 1 | 1.000 | 1.000 | 0.500 | 0.500 |" in doc and re.search(r"\| learnable \| 1 \| \d\.\d{3} \|", doc)
     assert os.path.getsize(os.path.join(res, "figures", "study_e3_pair_beta.png")) > 10_000

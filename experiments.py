@@ -277,6 +277,7 @@ def read_study(path: str = os.path.join(HERE, "configs", "study.yaml")) -> dict:
 
 STUDY_CONFIG = read_study()
 STUDY_SPLITS, STUDY, STUDY_PHASES, STUDY_E3 = (STUDY_CONFIG[k] for k in ("splits", "base", "phases", "e3"))
+E3_CLEAN = "headline"  # the phase whose runs are E3's with clean training data
 
 
 def mark_prompt(row: dict, marker: str) -> dict | None:
@@ -1089,6 +1090,29 @@ def e3_rows(results: list[dict], modes: list[str]) -> list[str]:
     return rows
 
 
+def noise_cost_rows(results: list[dict], clean: list[dict], modes: list[str]) -> list[str]:
+    """What the label noise cost: each E3 run against the headline run (clean training data) of the
+    same seed and mode, or of fixed beta where the headline has no such mode; mean over seeds of
+    clean -> noisy on the test and the validation pairs. Fixed beta's row is the room for a mode to
+    resist the noise."""
+    rows = ["| mode | seeds | clean run | test accuracy, clean → noisy | test loss@β0 | validation accuracy | "
+            "validation loss@β0 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    by_name = {(r["mode"], r["seed"]): r for r in clean}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for mode in modes:
+        rs = [r for r in results if r["mode"] == mode]
+        base = mode if any((mode, r["seed"]) in by_name for r in rs) else "fixed"
+        pairs = [(by_name[(base, r["seed"])], r) for r in rs if (base, r["seed"]) in by_name]
+        if not pairs:
+            continue
+        cells = []
+        for get in (lambda r: r["test"]["metrics"]["rewards/accuracies"], lambda r: r["test"]["metrics"]["loss_beta0"],
+                    lambda r: r["eval"]["rewards/accuracies"], lambda r: r["eval"]["loss_beta0"]):
+            cells.append(f"{mean([get(c) for c, _ in pairs]):.4f} → {mean([get(n) for _, n in pairs]):.4f}")
+        rows.append(f"| {mode} | {len(pairs)} | {base} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def pair_beta_windows(result: dict, noisy: set[int], width: int = DRIFT_STEPS) -> list[tuple[int, float, float, float]]:
     """E3 during training: a run's per-pair beta (train.py --log_pair_beta) in windows of `width`
     steps -> [(the window's last step, mean beta of the noisy training rows, of the clean ones,
@@ -1226,6 +1250,11 @@ def report_study_final(phase: str, results_dir: str) -> None:
         if phase.startswith("e3"):
             rows += ["", f"β on the {results[0]['eval']['pairs']} validation prompts with and without the noisy subset's "
                      "marker (labels unchanged), per seed, then mean ± 95% t-interval:", ""] + e3_rows(results, modes)
+            clean = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "study", E3_CLEAN, "*.json")))]
+            if clean:
+                rows += ["", f"What the noise cost: each E3 run against the {E3_CLEAN} run of its seed and mode (clean training "
+                         "data, the same flags), or of fixed β where that phase has no such mode (the 'clean run' column); "
+                         "mean over seeds:", ""] + noise_cost_rows(results, clean, modes)
             if any("pair_beta" in r for r in results):
                 noisy = set(json.load(open(os.path.join(results_dir, "study", "splits.json")))["e3_train"]["noisy_rows"])
                 rows += ["", "β of the training pairs during training (`--log_pair_beta`): the noisy (marked and swapped) "

@@ -159,8 +159,13 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     with open(tmp_path / "report.md", "w") as f:
         f.write("<!-- BEGIN study_final -->\n<!-- END study_final -->\n<!-- BEGIN study_e3 -->\n<!-- END study_e3 -->\n")
     E.report_study_final("final", res)
+    monkeypatch.setattr(E, "E3_CLEAN", "final")  # the noise's cost: E3's runs against their clean twins
     E.report_study_final("e3", res)
     doc = open(tmp_path / "report.md").read()
+    clean_fixed = json.load(open(os.path.join(res, "study", "final", "fixed-s0.json")))
+    cost = [f"{x['test']['metrics']['loss_beta0']:.4f}" for x in (clean_fixed, r3)]
+    assert re.search(rf"\| fixed \| 1 \| fixed \| [^|]+ \| {cost[0]} → {cost[1]} \|", doc)
+    assert re.search(r"\| learnable \| 1 \| learnable \| ", doc)  # its own clean twin
     assert re.search(r"\| learnable \| 1 \| [+-]\d\.\d{4} \| \[", doc)  # the paired difference, with its pair interval
     assert "partial ρ(β, margin" in doc and "AUC P(β marked < β plain)" in doc
     assert re.search(r"\| fixed \| 1 \| 0\.1000 \| 0\.1000 \| 1\.0000 \| 0\.500 \| – \| – \|", doc)  # a constant beta ignores the marker

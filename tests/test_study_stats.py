@@ -95,9 +95,11 @@ def test_pair_beta_windows_split_noisy_from_clean():
 def test_head_factor_is_beta_over_w_times_the_ppl_term():
     """f(h) = beta / (w * PPL term) with the run's final w and its PPL transform, on the split asked
     for; a clamped pair (its beta at a bound, with beta/clamped_frac > 0) is left out."""
-    test = dict(metrics={"beta_head/w": 0.5, "beta/clamped_frac": 0.0}, per_pair=dict(ppl=[math.e, math.e ** 2], beta=[0.55, 0.9]))
+    test = dict(metrics={"beta_head/w": 0.5, "beta/clamped_frac": 0.0}, per_pair=dict(ppl=[math.e, math.e ** 2], beta=[0.55, 0.9], row=[3, 7]))
     log = dict(config=dict(ppl_transform="log"), test=test)
     assert E.head_factor(log, "test") == pytest.approx([1.1, 0.9])  # 0.55 / (0.5 * 1), 0.9 / (0.5 * 2)
+    terms = E.head_terms(log, "test")  # by row: (PPL term, f)
+    assert sorted(terms) == [3, 7] and terms[3] == pytest.approx((1.0, 1.1)) and terms[7] == pytest.approx((2.0, 0.9))
     spec = dict(config={}, eval={"beta_head/w": 0.5, "beta/clamped_frac": 0.5},  # the spec: PPL itself
-                per_pair=dict(ppl=[1.0, 2.0, 4.0, 10.0], beta=[0.3, 1.1, 1.8, 3.0]))  # 0.3, 3.0: clamped at the bounds
+                per_pair=dict(ppl=[1.0, 2.0, 4.0, 10.0], beta=[0.3, 1.1, 1.8, 3.0], row=[0, 1, 2, 3]))  # 0.3, 3.0: clamped at the bounds
     assert E.head_factor(spec) == pytest.approx([1.1, 0.9])

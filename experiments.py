@@ -1080,7 +1080,7 @@ def e3_rows(results: list[dict], modes: list[str]) -> list[str]:
             marked.append(sum(b[i] for i in common) / len(common))
             ratio.append(sum(b[i] / a[i] for i in common) / len(common))
             aucs.append(auc([b[i] for i in common], [a[i] for i in common]))
-            if r["config"]["beta_mode"] == "learnable":
+            if config_of(r)["beta_mode"] == "learnable":
                 tp, tm = head_terms(r), head_terms(r, "validation_marked")
                 both = sorted(set(tp) & set(tm))
                 ppl_ratio.append(sum(tm[i][0] / tp[i][0] for i in both) / len(both))
@@ -1098,7 +1098,6 @@ def noise_cost_rows(results: list[dict], clean: list[dict], modes: list[str]) ->
     rows = ["| mode | seeds | clean run | test accuracy, clean → noisy | test loss@β0 | validation accuracy | "
             "validation loss@β0 |", "| --- | --- | --- | --- | --- | --- | --- |"]
     by_name = {(r["mode"], r["seed"]): r for r in clean}
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     for mode in modes:
         rs = [r for r in results if r["mode"] == mode]
         base = mode if any((mode, r["seed"]) in by_name for r in rs) else "fixed"
@@ -1108,7 +1107,7 @@ def noise_cost_rows(results: list[dict], clean: list[dict], modes: list[str]) ->
         cells = []
         for get in (lambda r: r["test"]["metrics"]["rewards/accuracies"], lambda r: r["test"]["metrics"]["loss_beta0"],
                     lambda r: r["eval"]["rewards/accuracies"], lambda r: r["eval"]["loss_beta0"]):
-            cells.append(f"{mean([get(c) for c, _ in pairs]):.4f} → {mean([get(n) for _, n in pairs]):.4f}")
+            cells.append(f"{mean_ci([get(c) for c, _ in pairs])[0]:.4f} → {mean_ci([get(n) for _, n in pairs])[0]:.4f}")
         rows.append(f"| {mode} | {len(pairs)} | {base} | " + " | ".join(cells) + " |")
     return rows
 

@@ -552,6 +552,11 @@ def head_factor(result: dict, split: str = "eval") -> list[float]:
     return [f for _, f in head_terms(result, split).values()]
 
 
+def spread(xs: list[float], digits: int = 3) -> str:
+    """'mean [min, max]' of a list, each with `digits` decimals."""
+    return f"{sum(xs) / len(xs):.{digits}f} [{min(xs):.{digits}f}, {max(xs):.{digits}f}]"
+
+
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of the 95% t-interval over seeds (nan for one seed)."""
     n = len(values)
@@ -684,7 +689,7 @@ def beta_rows(results: list[dict], modes: list[str], path: str) -> list[str]:
         f = [x for r in rs for x in head_factor(r)]
         rows.append(f"| {mode} | {at(0)} | {at(n // 2)} | {at(n - 1)} | {mean(pos)} | {mean(neg)} | "
                     f"{avg(0, 'beta_head/w'):.4g} → {avg(n - 1, 'beta_head/w'):.4g} | {avg(n - 1, 'beta_head/nn_weight_norm'):.3g} | "
-                    f"{sum(f) / len(f):.4f} [{min(f):.4f}, {max(f):.4f}] |")
+                    f"{spread(f, 4)} |")
         steps = [t["step"] for t in train[0][:n]]
         for ax, key in ((axes[0], "beta/mean"), (axes[2], "beta_head/nn_weight_norm"), (axes[3], "ppl/mean")):
             ax.plot(steps, [avg(i, key) for i in range(n)], marker="o", label=mode)
@@ -885,11 +890,11 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
             intact = [b for b, c in zip(p["beta"], p["prompt_truncated"]) if not c]
             cut = [b for b, c in zip(p["beta"], p["prompt_truncated"]) if c]
             f = head_factor(r)
-            rows.append(f"| {r['name']} | {sum(p['beta']) / len(p['beta']):.4f} [{min(p['beta']):.4f}, {max(p['beta']):.4f}] | "
+            rows.append(f"| {r['name']} | {spread(p['beta'], 4)} | "
                         f"{spearman(p['beta'], p['ppl']):+.3f} | {spearman(p['beta'], p['prompt_tokens']):+.3f} | "
                         f"{med(intact)} / {med(cut)} ({len(intact)} / {len(cut)}) | "
                         f"{tr[0]['beta_head/w']:.4g} → {tr[-1]['beta_head/w']:.4g} | "
-                        f"{sum(f) / len(f):.3f} [{min(f):.3f}, {max(f):.3f}] |")
+                        f"{spread(f)} |")
     write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
     splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))
     print("\n".join(rows))
@@ -1055,7 +1060,7 @@ def beta_analysis_rows(results: list[dict], modes: list[str], split: str) -> lis
         rows.append(f"| {mode} | {len(beta)} | {spearman(beta, tokens):+.3f} | {spearman(beta, marg):+.3f} | "
                     f"{partial_spearman(beta, marg, [tokens, cut]):+.3f} | {rho(strata[0])} / {rho(strata[1])} | "
                     f"{rho(strata[2])} | {mean(intact)} / {mean(strata[2])} | "
-                    + "; ".join(f"{sum(x) / len(x):.3f} [{min(x):.3f}, {max(x):.3f}]" for x in f) + " | "
+                    + "; ".join(spread(x) for x in f) + " | "
                     + "; ".join(f"{x:+.1%}" for x in w) + " |")
     return rows
 
@@ -1234,7 +1239,7 @@ def report_study_final(phase: str, results_dir: str) -> None:
                  "test f(h), mean [min, max] | test accuracy | test loss@β0 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in results:
             tr, t, f = curve(r, "train"), r["test"]["metrics"], head_factor(r, "test")
-            f_text = f"{sum(f) / len(f):.3f} [{min(f):.3f}, {max(f):.3f}]" if f else "– (every pair clamped)"
+            f_text = spread(f) if f else "– (every pair clamped)"
             rows.append(f"| {r['name']} | {tr[0]['beta_head/w']:.4g} → {tr[-1]['beta_head/w']:.4g} | "
                         f"{tr[0]['beta/mean']:.4g} → {tr[-1]['beta/mean']:.4g} | {max(m['beta/clamped_frac'] for m in tr):.3f} | "
                         f"{t['beta/mean']:.4g} [{t['beta/min']:.4g}, {t['beta/max']:.4g}] | {f_text} | "

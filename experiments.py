@@ -954,10 +954,12 @@ def auc(lower: list[float], higher: list[float]) -> float:
     return wins / (len(lower) * len(higher))
 
 
-def fmt_ci(values: list[float], signed: bool = False, digits: int = 4) -> str:
+def fmt_ci(values: list[float], signed: bool = False, digits: int = 4, per_seed: bool = False) -> str:
+    """'mean ± 95% t-interval' over seeds; per_seed adds each seed's value, '(s0; s1; ...)'."""
     m, ci = mean_ci(values)
-    out = f"{m:+.{digits}f}" if signed else f"{m:.{digits}f}"
-    return out + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
+    num = lambda x: f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"  # noqa: E731
+    out = num(m) + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
+    return out + (f" ({'; '.join(num(x) for x in values)})" if per_seed and len(values) > 1 else "")
 
 
 def pair_bootstrap(diffs: list[list[float]], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -1090,8 +1092,9 @@ def e3_rows(results: list[dict], modes: list[str]) -> list[str]:
                 both = sorted(set(tp) & set(tm))
                 ppl_ratio.append(sum(tm[i][0] / tp[i][0] for i in both) / len(both))
                 f_ratio.append(sum(tm[i][1] / tp[i][1] for i in both) / len(both))
-        terms = f"{fmt_ci(ppl_ratio)} | {fmt_ci(f_ratio)}" if f_ratio else "– | –"
-        rows.append(f"| {mode} | {len(rs)} | {fmt_ci(plain)} | {fmt_ci(marked)} | {fmt_ci(ratio)} | {fmt_ci(aucs, digits=3)} | {terms} |")
+        terms = f"{fmt_ci(ppl_ratio, per_seed=True)} | {fmt_ci(f_ratio, per_seed=True)}" if f_ratio else "– | –"
+        rows.append(f"| {mode} | {len(rs)} | {fmt_ci(plain)} | {fmt_ci(marked)} | {fmt_ci(ratio, per_seed=True)} | "
+                    f"{fmt_ci(aucs, digits=3, per_seed=True)} | {terms} |")
     return rows
 
 
@@ -1144,8 +1147,9 @@ def e3_training_rows(results: list[dict], modes: list[str], noisy: set[int], pat
         if not ws:
             continue
         ratio = [[w[1] / w[2] for w in run] for run in ws]
-        rows.append(f"| {mode} | {len(ws)} | {fmt_ci([x[0] for x in ratio], digits=3)} | {fmt_ci([x[-1] for x in ratio], digits=3)} | "
-                    f"{fmt_ci([run[0][3] for run in ws], digits=3)} | {fmt_ci([run[-1][3] for run in ws], digits=3)} |")
+        cell = lambda xs: fmt_ci(xs, digits=3, per_seed=True)  # noqa: E731
+        rows.append(f"| {mode} | {len(ws)} | {cell([x[0] for x in ratio])} | {cell([x[-1] for x in ratio])} | "
+                    f"{cell([run[0][3] for run in ws])} | {cell([run[-1][3] for run in ws])} |")
         n = min(len(x) for x in ratio)
         ax.plot([w[0] for w in ws[0][:n]], [sum(x[i] for x in ratio) / len(ratio) for i in range(n)], marker="o", ms=3,
                 label=f"{mode} ({len(ws)} seeds)")
@@ -1253,7 +1257,7 @@ def report_study_final(phase: str, results_dir: str) -> None:
                      "truncation held fixed:", ""] + beta_analysis_rows(results, modes, "test")
         if phase.startswith("e3"):
             rows += ["", f"β on the {results[0]['eval']['pairs']} validation prompts with and without the noisy subset's "
-                     "marker (labels unchanged), per seed, then mean ± 95% t-interval:", ""] + e3_rows(results, modes)
+                     "marker (labels unchanged): mean ± 95% t-interval over seeds (each seed's value):", ""] + e3_rows(results, modes)
             clean = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "study", E3_CLEAN, "*.json")))]
             if clean:
                 rows += ["", f"What the noise cost: each E3 run against the {E3_CLEAN} run of its seed and mode (clean training "
@@ -1262,7 +1266,7 @@ def report_study_final(phase: str, results_dir: str) -> None:
             if any("pair_beta" in r for r in results):
                 noisy = set(json.load(open(os.path.join(results_dir, "study", "splits.json")))["e3_train"]["noisy_rows"])
                 rows += ["", "β of the training pairs during training (`--log_pair_beta`): the noisy (marked and swapped) "
-                         "rows against the clean ones, per window of steps; mean ± 95% t-interval over seeds:", ""]
+                         "rows against the clean ones, per window of steps; mean ± 95% t-interval over seeds (each seed's value):", ""]
                 rows += e3_training_rows(results, modes, noisy, os.path.join(fig_dir, f"study_{phase}_pair_beta.png"))
     write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
     splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))

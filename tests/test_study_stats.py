@@ -38,6 +38,15 @@ def test_auc_by_hand():
     assert E.auc([1, 2], [2, 2]) == pytest.approx((1 + 1 + 0.5 + 0.5) / 4)
 
 
+def test_mean_interval_and_per_seed_cells_by_hand():
+    # 1 and 3: mean 2, s.d. sqrt(2), half-width t(.975, 1 df) * sqrt(2) / sqrt(2) = 12.706
+    assert E.fmt_ci([1.0, 3.0]) == "2.0000 ± 12.7060"
+    assert E.fmt_ci([1.0, 3.0], digits=2, per_seed=True) == "2.00 ± 12.71 (1.00; 3.00)"
+    assert E.fmt_ci([-0.5, 0.25], signed=True, digits=2, per_seed=True) == "-0.12 ± 4.76 (-0.50; +0.25)"
+    assert E.fmt_ci([0.7], per_seed=True) == "0.7000"  # one seed: no interval, nothing to list
+    assert E.spread([0.9, 1.1, 1.3]) == "1.100 [0.900, 1.300]"
+
+
 def test_pair_values_and_bootstrap():
     per_pair = dict(policy_chosen_logps=[0.0, 1.0], reference_chosen_logps=[0.0, 0.0],
                     policy_rejected_logps=[1.0, 0.0], reference_rejected_logps=[0.0, 0.0])

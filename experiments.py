@@ -1016,9 +1016,9 @@ def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
     rows += ["", f"Difference to `fixed` on the {split} split, paired by seed: mean ± 95% t-interval over seeds, then "
              "[95% interval from resampling the test pairs]; 'detectable' is the smallest true difference the seeds "
              "would detect with 80% power at α = 0.05, from the observed seed-to-seed s.d. of the difference "
-             "((t.975 + t.80) · s.d. / √n).", "",
+             "((t.975 + t.80) · s.d. / √n); each seed's value in parentheses.", "",
              "| mode | seeds | Δ accuracy | [pairs] | detectable | Δ loss@β0 | [pairs] | detectable | "
-             "Δ validation loss@β0, per seed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "Δ validation loss@β0 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in [m for m in modes if m != "fixed"]:
         rs = [r for r in results if r["mode"] == mode and r["seed"] in fixed]
         cells = []
@@ -1029,8 +1029,8 @@ def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
             lo, hi = pair_bootstrap(per) if rs else (float("nan"), float("nan"))
             n, half = len(d), mean_ci(d)[1]  # half = t.975 * s.d. / sqrt(n)
             mdd = half * (T95.get(n - 1, 1.96) + T80.get(n - 1, 0.84)) / T95.get(n - 1, 1.96) if n > 1 else float("nan")
-            cells += [fmt_ci(d, signed=True), f"[{lo:+.4f}, {hi:+.4f}]", "–" if math.isnan(mdd) else f"{mdd:.4f}"]
-        cells.append("; ".join(f"{r['eval']['loss_beta0'] - fixed[r['seed']]['eval']['loss_beta0']:+.4f}" for r in rs))
+            cells += [fmt_ci(d, signed=True, per_seed=True), f"[{lo:+.4f}, {hi:+.4f}]", "–" if math.isnan(mdd) else f"{mdd:.4f}"]
+        cells.append(fmt_ci([r["eval"]["loss_beta0"] - fixed[r["seed"]]["eval"]["loss_beta0"] for r in rs], signed=True, per_seed=True))
         rows.append(f"| {mode} | {len(rs)} | " + " | ".join(cells) + " |")
     return rows
 

@@ -1141,22 +1141,23 @@ def e3_training_rows(results: list[dict], modes: list[str], noisy: set[int], pat
     import matplotlib.pyplot as plt
     rows = [f"| mode | seeds | β noisy / clean, steps 1–{DRIFT_STEPS} | last {DRIFT_STEPS} steps | "
             f"AUC P(β noisy < β clean), steps 1–{DRIFT_STEPS} | last {DRIFT_STEPS} steps |", "| --- | --- | --- | --- | --- | --- |"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for mode in modes:
-        ws = [pair_beta_windows(r, noisy) for r in results if r["mode"] == mode and "pair_beta" in r]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for k, mode in enumerate(modes):
+        runs = [r for r in results if r["mode"] == mode and "pair_beta" in r]
+        ws = [pair_beta_windows(r, noisy) for r in runs]
         if not ws:
             continue
         ratio = [[w[1] / w[2] for w in run] for run in ws]
         cell = lambda xs: fmt_ci(xs, digits=3, per_seed=True)  # noqa: E731
         rows.append(f"| {mode} | {len(ws)} | {cell([x[0] for x in ratio])} | {cell([x[-1] for x in ratio])} | "
                     f"{cell([run[0][3] for run in ws])} | {cell([run[-1][3] for run in ws])} |")
-        n = min(len(x) for x in ratio)
-        ax.plot([w[0] for w in ws[0][:n]], [sum(x[i] for x in ratio) / len(ratio) for i in range(n)], marker="o", ms=3,
-                label=f"{mode} ({len(ws)} seeds)")
+        for r, run, x in zip(runs, ws, ratio):  # each seed its own line: the seeds can disagree
+            ax.plot([w[0] for w in run], x, color=f"C{k}", ls=["-", "--", ":", "-."][r["seed"] % 4], marker="o", ms=3,
+                    label=f"{mode} s{r['seed']}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(xlabel=f"step (windows of {DRIFT_STEPS})", ylabel="mean β noisy / mean β clean",
-           title="E3: β of the noisy training pairs, mean over seeds")
-    ax.legend(fontsize=8)
+           title="E3: β of the noisy training pairs, per seed")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return rows

@@ -1141,6 +1141,7 @@ def e3_training_rows(results: list[dict], modes: list[str], noisy: set[int], pat
     import matplotlib.pyplot as plt
     rows = [f"| mode | seeds | β noisy / clean, steps 1–{DRIFT_STEPS} | last {DRIFT_STEPS} steps | "
             f"AUC P(β noisy < β clean), steps 1–{DRIFT_STEPS} | last {DRIFT_STEPS} steps |", "| --- | --- | --- | --- | --- | --- |"]
+    cell = lambda xs: fmt_ci(xs, digits=3, per_seed=True)  # noqa: E731
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for k, mode in enumerate(modes):
         runs = [r for r in results if r["mode"] == mode and "pair_beta" in r]
@@ -1148,7 +1149,6 @@ def e3_training_rows(results: list[dict], modes: list[str], noisy: set[int], pat
         if not ws:
             continue
         ratio = [[w[1] / w[2] for w in run] for run in ws]
-        cell = lambda xs: fmt_ci(xs, digits=3, per_seed=True)  # noqa: E731
         rows.append(f"| {mode} | {len(ws)} | {cell([x[0] for x in ratio])} | {cell([x[-1] for x in ratio])} | "
                     f"{cell([run[0][3] for run in ws])} | {cell([run[-1][3] for run in ws])} |")
         for r, run, x in zip(runs, ws, ratio):  # each seed its own line: the seeds can disagree
@@ -1230,6 +1230,7 @@ def report_study_final(phase: str, results_dir: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     results = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "study", phase, "*.json")))]
+    results.sort(key=lambda r: r["seed"])  # the per-seed lists below in seed order (files by name within a seed)
     if not results:
         sys.exit(f"error: no results in {results_dir}/study/{phase}; run `python experiments.py run study --phase {phase}` first")
     modes = list(dict.fromkeys(name.rsplit("-s", 1)[0] for name in STUDY_PHASES[phase]))

@@ -42,9 +42,11 @@ def test_mean_interval_and_per_seed_cells_by_hand():
     # 1 and 3: mean 2, s.d. sqrt(2), half-width t(.975, 1 df) * sqrt(2) / sqrt(2) = 12.706
     assert E.fmt_ci([1.0, 3.0]) == "2.0000 ± 12.7060"
     assert E.fmt_ci([1.0, 3.0], digits=2, per_seed=True) == "2.00 ± 12.71 (1.00; 3.00)"
+    # mean -0.125 (exact in binary) rounds half to even: -0.12; half-width 12.706 * 0.375 = 4.765 -> 4.76
     assert E.fmt_ci([-0.5, 0.25], signed=True, digits=2, per_seed=True) == "-0.12 ± 4.76 (-0.50; +0.25)"
     assert E.fmt_ci([0.7], per_seed=True) == "0.7000"  # one seed: no interval, nothing to list
     assert E.spread([0.9, 1.1, 1.3]) == "1.100 [0.900, 1.300]"
+    assert E.spread([0.03, 0.02], 4) == "0.0250 [0.0200, 0.0300]"
 
 
 def test_pair_values_and_bootstrap():

@@ -1210,18 +1210,42 @@ def plot_study_beta(results: list[dict], modes: list[str], split: str, path: str
 
 
 def plot_runaway(results: list[dict], path: str) -> None:
-    """w, mean beta and the clamped fraction over training steps, one line per run."""
+    """w, mean beta, and the smallest and largest beta of the logged training batches against the
+    learnable mode's default clamp [beta0 / 10, 10 beta0], over training steps, one colour per run."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    for r in results:
-        tr = curve(r, "train")
-        for ax, key in zip(axes, ("beta_head/w", "beta/mean", "beta/clamped_frac")):
-            ax.plot([m["step"] for m in tr], [m[key] for m in tr], label=r["name"])
-            ax.set(xlabel="step", title=f"training {key}")
+    for i, r in enumerate(results):
+        tr, style = curve(r, "train"), dict(color=f"C{i}", ls=("-", "--", ":")[i % 3])
+        steps = [m["step"] for m in tr]
+        axes[0].plot(steps, [m["beta_head/w"] for m in tr], label=r["name"], **style)
+        axes[1].plot(steps, [m["beta/mean"] for m in tr], **style)
+        axes[2].plot(steps, [m["beta/max"] for m in tr], **style)
+        axes[2].plot(steps, [m["beta/min"] for m in tr], alpha=0.6, **style)
+    beta0 = results[0]["config"]["beta"]
+    for bound in (beta0 / 10, beta0 * 10):
+        axes[2].axhline(bound, color="k", lw=0.8, ls="-.")
+    for ax, title in zip(axes, ("w", "mean β of the logged batches", "largest and smallest β (dash-dot: default clamp)")):
+        ax.set(xlabel="step", title=title)
     axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def study_cost_rows(results_dir: str) -> list[str]:
+    """The study's measured cost per phase: the training wall time (`wall_s`: training with its
+    validation evaluations, not the test evaluation) of every committed run, each run once (a run
+    reused from another phase is counted there)."""
+    rows = ["| phase | runs trained | minutes per run, mean [min, max] | minutes in all |", "| --- | --- | --- | --- |"]
+    every = []
+    for phase in STUDY_PHASES:
+        runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "study", phase, "*.json")))]
+        minutes = [r["wall_s"] / 60 for r in runs if not r.get("reused_from")]
+        if minutes:
+            every += minutes
+            rows.append(f"| {phase} | {len(minutes)} | {spread(minutes, 1)} | {sum(minutes):.1f} |")
+    return rows + [f"| all | {len(every)} | {spread(every, 1)} | {sum(every):.1f} ({sum(every) / 60:.2f} h) |"]
 
 
 def report_study_final(phase: str, results_dir: str) -> None:
@@ -1241,15 +1265,20 @@ def report_study_final(phase: str, results_dir: str) -> None:
     rows = [f"# study, {phase}: the final policies on the test split ({n_test} pairs, evaluated once)\n"]
     if phase.startswith("runaway"):
         plot_runaway(results, os.path.join(fig_dir, f"study_{phase}.png"))
-        rows += ["| run | w first → last log | mean β first → last log | max clamped fraction | test β mean [min, max] | "
-                 "test f(h), mean [min, max] | test accuracy | test loss@β0 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        rows += ["| run | w first → last log (lowest, highest) | mean β first → last log | largest logged β | max clamped "
+                 "fraction | test β mean, geometric mean [min, max] | test f(h), mean [min, max] | validation loss@β0 | "
+                 "test accuracy | test loss@β0 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in results:
             tr, t, f = curve(r, "train"), r["test"]["metrics"], head_factor(r, "test")
             f_text = spread(f) if f else "– (every pair clamped)"
-            rows.append(f"| {r['name']} | {tr[0]['beta_head/w']:.4g} → {tr[-1]['beta_head/w']:.4g} | "
-                        f"{tr[0]['beta/mean']:.4g} → {tr[-1]['beta/mean']:.4g} | {max(m['beta/clamped_frac'] for m in tr):.3f} | "
-                        f"{t['beta/mean']:.4g} [{t['beta/min']:.4g}, {t['beta/max']:.4g}] | {f_text} | "
-                        f"{t['rewards/accuracies']:.3f} | {t['loss_beta0']:.4f} |")
+            unclamped = r["config"].get("beta_min") == 0 and r["config"].get("beta_max") == math.inf
+            clamped = "– (no clamp)" if unclamped else f"{max(m['beta/clamped_frac'] for m in tr):.3f}"
+            w, beta = [m["beta_head/w"] for m in tr], r["test"]["per_pair"]["beta"]
+            geo = math.exp(sum(math.log(b) for b in beta) / len(beta))
+            rows.append(f"| {r['name']} | {w[0]:.4g} → {w[-1]:.4g} ({min(w):.4g}, {max(w):.4g}) | "
+                        f"{tr[0]['beta/mean']:.4g} → {tr[-1]['beta/mean']:.4g} | {max(m['beta/max'] for m in tr):.3f} | {clamped} | "
+                        f"{t['beta/mean']:.4g}, {geo:.4g} [{t['beta/min']:.4g}, {t['beta/max']:.4g}] | {f_text} | "
+                        f"{r['eval']['loss_beta0']:.4f} | {t['rewards/accuracies']:.3f} | {t['loss_beta0']:.4f} |")
     else:
         plot_final(results, modes, os.path.join(fig_dir, f"study_{phase}.png"))
         rows += final_rows(results, modes, "test")
@@ -1304,10 +1333,9 @@ if __name__ == "__main__":
         data_stats(args.data, args.results_dir)
     elif args.command == "run" and args.experiment == "study":
         run_study(args.phase, args.data, args.extra, args.results_dir, args.runs_dir, args.keep_checkpoints, args.runs)
-    elif args.experiment == "study" and args.phase.startswith("tune"):
-        report_study_tuning(args.phase, args.results_dir)
     elif args.experiment == "study":
-        report_study_final(args.phase, args.results_dir)
+        (report_study_tuning if args.phase.startswith("tune") else report_study_final)(args.phase, args.results_dir)
+        splice(args.results_dir, "study_cost", "\n".join(study_cost_rows(args.results_dir)))
     elif args.command == "run" and args.experiment == "e2":
         run_e2(args.modes, args.betas, args.extra, args.results_dir, args.runs_dir, args.e2_model, args.keep_checkpoints)
     elif args.command == "run":

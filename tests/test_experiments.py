@@ -187,11 +187,15 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     with open(tmp_path / "report.md", "a") as f:
         f.write("<!-- BEGIN study_runaway -->\n<!-- END study_runaway -->\n")
     E.report_study_final("runaway", res)
-    w = [m["beta_head/w"] for m in E.curve(rr, "train")]
-    row = re.search(r"\| headlr-noclamp-s0 \| (\S+) → (\S+) \| \S+ → \S+ \| 0\.000 \| \S+ \[\S+, \S+\] \| "
-                    r"(?:0\.9\d\d|1\.\d{3}) \[\S+, \S+\] \| \d\.\d{3} \| \d\.\d{4} \|",
+    train = E.curve(rr, "train")
+    w = [m["beta_head/w"] for m in train]
+    row = re.search(r"\| headlr-noclamp-s0 \| (\S+) → (\S+) \((\S+), (\S+)\) \| \S+ → \S+ \| (\S+) \| – \(no clamp\) \| "
+                    r"\S+, (\S+) \[\S+, \S+\] \| (?:0\.9\d\d|1\.\d{3}) \[\S+, \S+\] \| \d\.\d{4} \| \d\.\d{3} \| \d\.\d{4} \|",
                     open(tmp_path / "report.md").read())
-    assert row and [float(x) for x in row.groups()] == [float(f"{w[0]:.4g}"), float(f"{w[-1]:.4g}")]
+    beta = rr["test"]["per_pair"]["beta"]
+    geometric = math.exp(sum(math.log(b) for b in beta) / len(beta))
+    assert row and [float(x) for x in row.groups()] == [float(f"{x:.4g}") for x in (w[0], w[-1], min(w), max(w))] + [
+        round(max(m["beta/max"] for m in train), 3), float(f"{geometric:.4g}")]
     assert os.path.getsize(os.path.join(res, "figures", "study_runaway.png")) > 10_000
 
 

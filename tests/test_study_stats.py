@@ -114,3 +114,17 @@ def test_head_factor_is_beta_over_w_times_the_ppl_term():
     spec = dict(config={}, eval={"beta_head/w": 0.5, "beta/clamped_frac": 0.5},  # the spec: PPL itself
                 per_pair=dict(ppl=[1.0, 2.0, 4.0, 10.0], beta=[0.3, 1.1, 1.8, 3.0], row=[0, 1, 2, 3]))  # 0.3, 3.0: clamped at the bounds
     assert E.head_factor(spec) == pytest.approx([1.1, 0.9])
+
+
+def test_study_cost_counts_each_run_once(tmp_path):
+    phases = list(E.STUDY_PHASES)
+    for phase, name, wall_s, extra in ((phases[0], "a", 600.0, {}), (phases[0], "b", 1200.0, {}),
+                                       (phases[1], "c", 1800.0, {}),
+                                       (phases[1], "d", 600.0, {"reused_from": f"study/{phases[0]}/a"})):
+        (tmp_path / "study" / phase).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "study" / phase / f"{name}.json").write_text(E.json.dumps(dict(wall_s=wall_s, **extra)))
+    rows = E.study_cost_rows(str(tmp_path))
+    # phase 0: 10 and 20 min; phase 1: 30 min (the reused run is counted in phase 0 only); all: 60 min = 1 h
+    assert rows[2:] == [f"| {phases[0]} | 2 | 15.0 [10.0, 20.0] | 30.0 |",
+                        f"| {phases[1]} | 1 | 30.0 [30.0, 30.0] | 30.0 |",
+                        "| all | 3 | 20.0 [10.0, 30.0] | 60.0 (1.00 h) |"]

@@ -543,7 +543,8 @@ def head_terms(result: dict, split: str = "eval") -> dict[int, tuple[float, floa
     w = metrics["beta_head/w"]
     scale = ppl_scale(torch.tensor(p["ppl"], dtype=torch.float64), config_of(result).get("ppl_transform", "ppl")).tolist()
     lo, hi = min(p["beta"]), max(p["beta"])  # clamped values sit exactly at the bounds
-    return {i: (s, b / (w * s)) for i, b, s in zip(p["row"], p["beta"], scale)
+    rows = p.get("row", range(len(p["beta"])))  # E1's result files predate the row numbers: their order
+    return {i: (s, b / (w * s)) for i, b, s in zip(rows, p["beta"], scale)
             if not (metrics["beta/clamped_frac"] > 0 and b in (lo, hi))}
 
 
@@ -1304,6 +1305,20 @@ def report_study_final(phase: str, results_dir: str) -> None:
     print("\n".join(rows))
 
 
+def rebuild(experiment: str, phase: str, results_dir: str) -> None:
+    """`experiments.py report EXPERIMENT [--phase PHASE]`: its tables, figures and report.md blocks
+    from the result files alone (a study phase also the study's cost table)."""
+    if experiment == "study":
+        (report_study_tuning if phase.startswith("tune") else report_study_final)(phase, results_dir)
+        splice(results_dir, "study_cost", "\n".join(study_cost_rows(results_dir)))
+    elif experiment == "e2":
+        report_e2(results_dir)
+    elif experiment == "bf16":
+        report_bf16(results_dir)
+    else:
+        report(experiment, results_dir)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "report", "data"],
@@ -1333,17 +1348,10 @@ if __name__ == "__main__":
         data_stats(args.data, args.results_dir)
     elif args.command == "run" and args.experiment == "study":
         run_study(args.phase, args.data, args.extra, args.results_dir, args.runs_dir, args.keep_checkpoints, args.runs)
-    elif args.experiment == "study":
-        (report_study_tuning if args.phase.startswith("tune") else report_study_final)(args.phase, args.results_dir)
-        splice(args.results_dir, "study_cost", "\n".join(study_cost_rows(args.results_dir)))
     elif args.command == "run" and args.experiment == "e2":
         run_e2(args.modes, args.betas, args.extra, args.results_dir, args.runs_dir, args.e2_model, args.keep_checkpoints)
     elif args.command == "run":
         run(args.experiment, args.modes, args.seeds, args.data, args.extra, args.results_dir, args.runs_dir,
             args.keep_checkpoints)
-    elif args.experiment == "e2":
-        report_e2(args.results_dir)
-    elif args.experiment == "bf16":
-        report_bf16(args.results_dir)
     else:
-        report(args.experiment, args.results_dir)
+        rebuild(args.experiment, args.phase, args.results_dir)

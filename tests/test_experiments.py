@@ -1,9 +1,11 @@
 """The experiment runner: runs, skips finished runs, and rebuilds tables and figures from results."""
 
+import glob
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -231,3 +233,21 @@ def test_a_stopped_run_resumes_and_counts_every_attempt(tiny_qwen2_dir, tmp_path
     assert r["wall_s"] > second  # the resumed attempt alone took less: the first one is counted too
     assert max(m["step"] for m in r["curves"]) == 20 and r["train_data_report"]["kept"] > 0
     assert "resumed from" in open(os.path.join(run_dir, "train.log")).read()
+
+
+def test_the_committed_report_rebuilds_from_the_committed_results(tmp_path):
+    """Every `experiments.py report ...` on a copy of results/ and report.md changes no table:
+    report.md's blocks and results/*.md are what the commands make of the committed result files."""
+    import experiments as E
+    shutil.copytree(os.path.join(E.HERE, "results"), tmp_path / "results")
+    shutil.copy(os.path.join(E.HERE, "report.md"), tmp_path / "report.md")
+    res = str(tmp_path / "results")
+    for experiment in ("e1", "e2", "bf16"):
+        E.rebuild(experiment, "", res)
+    for phase in E.STUDY_PHASES:
+        E.rebuild("study", phase, res)
+    tables = sorted(glob.glob("**/*.md", root_dir=os.path.join(E.HERE, "results"), recursive=True))
+    assert len(tables) >= 9
+    for name in tables:
+        assert open(os.path.join(res, name)).read() == open(os.path.join(E.HERE, "results", name)).read(), name
+    assert open(tmp_path / "report.md").read() == open(os.path.join(E.HERE, "report.md")).read()

@@ -543,7 +543,9 @@ def head_terms(result: dict, split: str = "eval") -> dict[int, tuple[float, floa
     w = metrics["beta_head/w"]
     scale = ppl_scale(torch.tensor(p["ppl"], dtype=torch.float64), config_of(result).get("ppl_transform", "ppl")).tolist()
     lo, hi = min(p["beta"]), max(p["beta"])  # clamped values sit exactly at the bounds
-    rows = p.get("row", range(len(p["beta"])))  # E1's result files predate the row numbers: their order
+    # E1's result files predate the row numbers: keyed by position, which only the E1 report uses
+    # (never join these keys across files)
+    rows = p.get("row", range(len(p["beta"])))
     return {i: (s, b / (w * s)) for i, b, s in zip(rows, p["beta"], scale)
             if not (metrics["beta/clamped_frac"] > 0 and b in (lo, hi))}
 
@@ -841,12 +843,17 @@ def report_bf16(results_dir: str) -> None:
     print(f"wrote {results_dir}/bf16.md and {fig_dir}/bf16_curves.png")
 
 
+def study_results(results_dir: str, phase: str) -> list[dict]:
+    """The result files of one phase of the study, by file name."""
+    return [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "study", phase, "*.json")))]
+
+
 def report_study_tuning(phase: str, results_dir: str) -> None:
     """A tuning phase of the study: validation curves (figure) and the table they are chosen from."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    results = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "study", phase, "*.json")))]
+    results = study_results(results_dir, phase)
     if not results:
         sys.exit(f"error: no results in {results_dir}/study/{phase}; run `python experiments.py run study --phase {phase}` first")
     rows = [f"# study, {phase}: validation ({results[0]['eval']['pairs']} pairs) during training\n",
@@ -1222,8 +1229,8 @@ def plot_runaway(results: list[dict], path: str) -> None:
         axes[1].plot(steps, [m["beta/mean"] for m in tr], **style)
         axes[2].plot(steps, [m["beta/max"] for m in tr], **style)
         axes[2].plot(steps, [m["beta/min"] for m in tr], alpha=0.6, **style)
-    beta0 = results[0]["config"]["beta"]
-    for bound in (beta0 / 10, beta0 * 10):
+    beta0 = config_of(results[0])["beta"]  # the runaway phase's runs share beta0
+    for bound in (beta0 / 10, beta0 * 10):  # train.py's default clamp of --beta_mode learnable
         axes[2].axhline(bound, color="k", lw=0.8, ls="-.")
     for ax, title in zip(axes, ("w", "mean β of the logged batches", "largest and smallest β (dash-dot: default clamp)")):
         ax.set(xlabel="step", title=title)
@@ -1241,8 +1248,7 @@ def study_cost_rows(results_dir: str) -> list[str]:
     rows = ["| phase | runs trained | minutes per run, mean [min, max] | minutes in all |", "| --- | --- | --- | --- |"]
     every = []
     for phase in STUDY_PHASES:
-        runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "study", phase, "*.json")))]
-        minutes = [r["wall_s"] / 60 for r in runs if not r.get("reused_from")]
+        minutes = [r["wall_s"] / 60 for r in study_results(results_dir, phase) if not r.get("reused_from")]
         if minutes:
             every += minutes
             rows.append(f"| {phase} | {len(minutes)} | {spread(minutes, 1)} | {sum(minutes):.1f} |")
@@ -1254,7 +1260,7 @@ def report_study_final(phase: str, results_dir: str) -> None:
     study_<phase> block, from the result files alone."""
     import matplotlib
     matplotlib.use("Agg")
-    results = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "study", phase, "*.json")))]
+    results = study_results(results_dir, phase)
     results.sort(key=lambda r: r["seed"])  # the per-seed lists below in seed order (files by name within a seed)
     if not results:
         sys.exit(f"error: no results in {results_dir}/study/{phase}; run `python experiments.py run study --phase {phase}` first")
@@ -1272,7 +1278,8 @@ def report_study_final(phase: str, results_dir: str) -> None:
         for r in results:
             tr, t, f = curve(r, "train"), r["test"]["metrics"], head_factor(r, "test")
             f_text = spread(f) if f else "– (every pair clamped)"
-            unclamped = r["config"].get("beta_min") == 0 and r["config"].get("beta_max") == math.inf
+            config = config_of(r)
+            unclamped = config.get("beta_min") == 0 and config.get("beta_max") == math.inf
             clamped = "– (no clamp)" if unclamped else f"{max(m['beta/clamped_frac'] for m in tr):.3f}"
             w, beta = [m["beta_head/w"] for m in tr], r["test"]["per_pair"]["beta"]
             geo = math.exp(sum(math.log(b) for b in beta) / len(beta))
@@ -1290,7 +1297,7 @@ def report_study_final(phase: str, results_dir: str) -> None:
         if phase.startswith("e3"):
             rows += ["", f"β on the {results[0]['eval']['pairs']} validation prompts with and without the noisy subset's "
                      "marker (labels unchanged): mean ± 95% t-interval over seeds (each seed's value):", ""] + e3_rows(results, modes)
-            clean = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "study", E3_CLEAN, "*.json")))]
+            clean = study_results(results_dir, E3_CLEAN)
             if clean:
                 rows += ["", f"What the noise cost: each E3 run against the {E3_CLEAN} run of its seed and mode (clean training "
                          "data, the same flags), or of fixed β where that phase has no such mode (the 'clean run' column); "
@@ -1309,7 +1316,10 @@ def rebuild(experiment: str, phase: str, results_dir: str) -> None:
     """`experiments.py report EXPERIMENT [--phase PHASE]`: its tables, figures and report.md blocks
     from the result files alone (a study phase also the study's cost table)."""
     if experiment == "study":
-        (report_study_tuning if phase.startswith("tune") else report_study_final)(phase, results_dir)
+        if phase.startswith("tune"):
+            report_study_tuning(phase, results_dir)
+        else:
+            report_study_final(phase, results_dir)
         splice(results_dir, "study_cost", "\n".join(study_cost_rows(results_dir)))
     elif experiment == "e2":
         report_e2(results_dir)

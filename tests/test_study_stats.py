@@ -1,5 +1,6 @@
 """The study's statistics and E3's data derivation against hand-computed values."""
 
+import json
 import math
 
 import pytest
@@ -122,7 +123,7 @@ def test_study_cost_counts_each_run_once(tmp_path):
                                        (phases[1], "c", 1800.0, {}),
                                        (phases[1], "d", 600.0, {"reused_from": f"study/{phases[0]}/a"})):
         (tmp_path / "study" / phase).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "study" / phase / f"{name}.json").write_text(E.json.dumps(dict(wall_s=wall_s, **extra)))
+        (tmp_path / "study" / phase / f"{name}.json").write_text(json.dumps(dict(wall_s=wall_s, **extra)))
     rows = E.study_cost_rows(str(tmp_path))
     # phase 0: 10 and 20 min; phase 1: 30 min (the reused run is counted in phase 0 only); all: 60 min = 1 h
     assert rows[2:] == [f"| {phases[0]} | 2 | 15.0 [10.0, 20.0] | 30.0 |",

@@ -511,6 +511,13 @@ def data_stats(data: str, results_dir: str) -> None:
     print(json.dumps(out, indent=1))
 
 
+def save_figure(fig, path: str) -> None:
+    """Write a report figure and free it (reports may run one after another in one process)."""
+    import matplotlib.pyplot as plt
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def splice(results_dir: str, block: str, text: str) -> None:
     """Put text between <!-- BEGIN block --> and <!-- END block --> in the report.md beside
     results_dir, so the report's tables are always the ones rebuilt from results/."""
@@ -648,7 +655,7 @@ def plot_curves(results: list[dict], modes: list[str], path: str) -> None:
             ax.set_xlabel("step")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def plot_beta_scatter(learn: list[dict], path: str) -> None:
@@ -665,7 +672,7 @@ def plot_beta_scatter(learn: list[dict], path: str) -> None:
     axes[1].axvline(0, color="grey", lw=0.5)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def beta_rows(results: list[dict], modes: list[str], path: str) -> list[str]:
@@ -702,7 +709,7 @@ def beta_rows(results: list[dict], modes: list[str], path: str) -> list[str]:
         axes[0].fill_between(steps, [avg(i, "beta/min") for i in range(n)], [avg(i, "beta/max") for i in range(n)], alpha=0.15)
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     return rows
 
 
@@ -781,7 +788,7 @@ def report_e2(results_dir: str) -> None:
     fig.tight_layout()
     fig_dir = os.path.join(results_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
-    fig.savefig(os.path.join(fig_dir, "e2_frontier.png"), dpi=110)
+    save_figure(fig, os.path.join(fig_dir, "e2_frontier.png"))
     with open(os.path.join(results_dir, "e2.md"), "w") as f:
         f.write("\n".join(rows) + "\n")
     splice(results_dir, "e2", "\n".join(rows[1:]))
@@ -836,7 +843,7 @@ def report_bf16(results_dir: str) -> None:
     fig.tight_layout()
     fig_dir = os.path.join(results_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
-    fig.savefig(os.path.join(fig_dir, "bf16_curves.png"), dpi=110)
+    save_figure(fig, os.path.join(fig_dir, "bf16_curves.png"))
     write_text(os.path.join(results_dir, "bf16.md"), "\n".join(rows) + "\n")
     splice(results_dir, "bf16", "\n".join(rows[1:]))
     print("\n".join(rows))
@@ -876,7 +883,7 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
     fig.tight_layout()
     fig_dir = os.path.join(results_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
-    fig.savefig(os.path.join(fig_dir, f"study_{phase}.png"), dpi=110)
+    save_figure(fig, os.path.join(fig_dir, f"study_{phase}.png"))
     rows += ["", "The choice is made on the mean of the last three evaluations (one evaluation's binomial s.e. is "
              f"about {math.sqrt(0.66 * 0.34 / results[0]['eval']['pairs']):.3f} in accuracy):", "",
              "| run | validation accuracy, mean of the last 3 evaluations | validation loss@beta0, mean of the last 3 | minutes |",
@@ -1167,7 +1174,7 @@ def e3_training_rows(results: list[dict], modes: list[str], noisy: set[int], pat
            title="E3: β of the noisy training pairs, per seed")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     return rows
 
 
@@ -1188,7 +1195,7 @@ def plot_final(results: list[dict], modes: list[str], path: str) -> None:
         ax.set(xlabel="step", title=title + ", mean over seeds")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def plot_study_beta(results: list[dict], modes: list[str], split: str, path: str) -> None:
@@ -1214,7 +1221,7 @@ def plot_study_beta(results: list[dict], modes: list[str], split: str, path: str
     axes[2].set(xlabel="step", ylabel="mean β of the logged batches", title="β during training, mean over seeds")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def plot_runaway(results: list[dict], path: str) -> None:
@@ -1238,7 +1245,7 @@ def plot_runaway(results: list[dict], path: str) -> None:
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def study_cost_rows(results_dir: str) -> list[str]:

@@ -1116,8 +1116,8 @@ def e3_rows(results: list[dict], modes: list[str]) -> list[str]:
 def noise_cost_rows(results: list[dict], clean: list[dict], modes: list[str]) -> list[str]:
     """What the label noise cost: each E3 run against the headline run (clean training data) of the
     same seed and mode, or of fixed beta where the headline has no such mode; mean over seeds of
-    clean -> noisy on the test and the validation pairs. Fixed beta's row is the room for a mode to
-    resist the noise."""
+    clean -> noisy on the test and the validation pairs, then each seed's noisy - clean. Fixed beta's
+    row is the room for a mode to resist the noise."""
     rows = ["| mode | seeds | clean run | test accuracy, clean → noisy | test loss@β0 | validation accuracy | "
             "validation loss@β0 |", "| --- | --- | --- | --- | --- | --- | --- |"]
     by_name = {(r["mode"], r["seed"]): r for r in clean}
@@ -1130,7 +1130,9 @@ def noise_cost_rows(results: list[dict], clean: list[dict], modes: list[str]) ->
         cells = []
         for get in (lambda r: r["test"]["metrics"]["rewards/accuracies"], lambda r: r["test"]["metrics"]["loss_beta0"],
                     lambda r: r["eval"]["rewards/accuracies"], lambda r: r["eval"]["loss_beta0"]):
-            cells.append(f"{mean_ci([get(c) for c, _ in pairs])[0]:.4f} → {mean_ci([get(n) for _, n in pairs])[0]:.4f}")
+            per_seed = [f"{get(n) - get(c):+.3f}" for c, n in pairs]  # noisy - clean, in seed order
+            cells.append(f"{mean_ci([get(c) for c, _ in pairs])[0]:.4f} → {mean_ci([get(n) for _, n in pairs])[0]:.4f}"
+                         + (f" ({'; '.join(per_seed)})" if len(pairs) > 1 else ""))
         rows.append(f"| {mode} | {len(pairs)} | {base} | " + " | ".join(cells) + " |")
     return rows
 
@@ -1308,7 +1310,7 @@ def report_study_final(phase: str, results_dir: str) -> None:
             if clean:
                 rows += ["", f"What the noise cost: each E3 run against the {E3_CLEAN} run of its seed and mode (clean training "
                          "data, the same flags), or of fixed β where that phase has no such mode (the 'clean run' column); "
-                         "mean over seeds:", ""] + noise_cost_rows(results, clean, modes)
+                         "mean over seeds, then each seed's noisy − clean:", ""] + noise_cost_rows(results, clean, modes)
             if any("pair_beta" in r for r in results):
                 noisy = set(json.load(open(os.path.join(results_dir, "study", "splits.json")))["e3_train"]["noisy_rows"])
                 rows += ["", "β of the training pairs during training (`--log_pair_beta`): the noisy (marked and swapped) "

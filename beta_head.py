@@ -186,6 +186,20 @@ def ppl_scale(ppl: torch.Tensor, ppl_transform: str = "ppl") -> torch.Tensor:
     return ppl.float().log().clamp(min=1e-3) if ppl_transform == "log" else ppl.float()
 
 
+def beta_bounds(beta_mode: str, beta: float, beta_min: float | None = None,
+                beta_max: float | None = None) -> tuple[float, float]:
+    """The clamp [beta_min, beta_max] of a beta mode, a bound given as None taking the mode's default:
+    none for fixed beta and epsilon-DPO, [beta/10, 10 beta] for learnable beta, and for beta-DPO the
+    authors' floor 1e-3 (or beta/10, if lower) and no ceiling."""
+    if beta_mode in ("fixed", "epsilon_dpo"):
+        default_min, default_max = 0.0, math.inf
+    elif beta_mode == "learnable":
+        default_min, default_max = beta / 10, beta * 10
+    else:
+        default_min, default_max = min(1e-3, beta / 10), math.inf
+    return (default_min if beta_min is None else beta_min, default_max if beta_max is None else beta_max)
+
+
 class BetaHead(nn.Module):
     """beta = w * ppl * (1 + epsilon * tanh(NN(context_embedding))).
 

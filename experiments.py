@@ -50,7 +50,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from beta_head import ppl_scale, sequence_logps
+from beta_head import beta_bounds, ppl_scale, sequence_logps
 from data import BadRow, build_examples, collate, load_rows, load_splits, normalize_row
 from model_loader import drop_resume_state, is_complete, load_policy, load_tokenizer
 
@@ -1238,8 +1238,7 @@ def plot_runaway(results: list[dict], path: str) -> None:
         axes[1].plot(steps, [m["beta/mean"] for m in tr], **style)
         axes[2].plot(steps, [m["beta/max"] for m in tr], **style)
         axes[2].plot(steps, [m["beta/min"] for m in tr], alpha=0.6, **style)
-    beta0 = config_of(results[0])["beta"]  # the runaway phase's runs share beta0
-    for bound in (beta0 / 10, beta0 * 10):  # train.py's default clamp of --beta_mode learnable
+    for bound in beta_bounds("learnable", config_of(results[0])["beta"]):  # the runaway's runs share beta0
         axes[2].axhline(bound, color="k", lw=0.8, ls="-.")
     for ax, title in zip(axes, ("w", "mean β of the logged batches", "largest and smallest β (dash-dot: default clamp)")):
         ax.set(xlabel="step", title=title)
@@ -1287,8 +1286,8 @@ def report_study_final(phase: str, results_dir: str) -> None:
         for r in results:
             tr, t, f = curve(r, "train"), r["test"]["metrics"], head_factor(r, "test")
             f_text = spread(f) if f else "– (every pair clamped)"
-            config = config_of(r)
-            unclamped = config.get("beta_min") == 0 and config.get("beta_max") == math.inf
+            c = config_of(r)
+            unclamped = beta_bounds(c["beta_mode"], c["beta"], c.get("beta_min"), c.get("beta_max")) == (0.0, math.inf)
             clamped = "– (no clamp)" if unclamped else f"{max(m['beta/clamped_frac'] for m in tr):.3f}"
             w, beta = [m["beta_head/w"] for m in tr], r["test"]["per_pair"]["beta"]
             geo = math.exp(sum(math.log(b) for b in beta) / len(beta))

@@ -43,7 +43,7 @@ from accelerate import Accelerator
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from beta_head import DynamicBetaDPOModel, eval_metrics, run_eval, summarize
+from beta_head import DynamicBetaDPOModel, beta_bounds, eval_metrics, run_eval, summarize
 from data import THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, load_splits
 from model_loader import (DEFAULT_MODEL, TRACKERS, TRAINER_STATE, add_reference_cache, autocast_dtype, build_model,
                           complete_checkpoints, is_complete, load_tokenizer, load_trainer_state, make_accelerator,
@@ -288,18 +288,13 @@ def check_beta_flags(args, p) -> None:
         for flag in ("beta_min", "beta_max"):
             if getattr(args, flag) is not None:
                 p.error(f"--{flag} only applies to --beta_mode learnable or beta_dpo")
-        args.beta_min, args.beta_max = 0.0, math.inf
+        args.beta_min, args.beta_max = beta_bounds(args.beta_mode, args.beta)
     else:
         if args.beta_mode == "learnable":
             args.beta_head_lr = 1e-3 if args.beta_head_lr is None else args.beta_head_lr
         if not 0 < args.beta_dpo_rho <= 1:
             p.error(f"--beta_dpo_rho must be in (0, 1]; got {args.beta_dpo_rho}")
-        if args.beta_mode == "learnable":
-            default_min, default_max = args.beta / 10, args.beta * 10
-        else:  # beta_dpo: the authors' floor 1e-3 and no ceiling
-            default_min, default_max = min(1e-3, args.beta / 10), math.inf
-        args.beta_min = default_min if args.beta_min is None else args.beta_min
-        args.beta_max = default_max if args.beta_max is None else args.beta_max
+        args.beta_min, args.beta_max = beta_bounds(args.beta_mode, args.beta, args.beta_min, args.beta_max)
         if not 0 <= args.beta_min < args.beta <= args.beta_max:
             p.error(f"need 0 <= --beta_min < --beta <= --beta_max; got {args.beta_min}, {args.beta}, {args.beta_max}")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import small_qwen2
 
-from beta_head import (BetaHead, DynamicBetaDPOModel, can_pack, dpo_loss, masked_ppl, pack_pairs, run_model,
-                       summarize, token_logps)
+from beta_head import (BetaHead, DynamicBetaDPOModel, beta_bounds, can_pack, dpo_loss, masked_ppl, pack_pairs,
+                       run_model, summarize, token_logps)
 from data import collate
 from model_loader import frozen_copy
 
@@ -493,3 +493,12 @@ def test_beta_dpo_model_loss_is_the_filtered_mean():
     model.beta_min, model.beta_max = 0.5, 1.0  # above every beta-DPO beta here
     _, stats = model(**collate(pairs(), 0))
     assert (stats["beta"] == 0.5).all() and summarize(stats, 0.1, 0.5, 1.0)["beta/clamped_frac"] == 1.0
+
+
+def test_beta_bounds_defaults_per_mode_and_overrides():
+    assert beta_bounds("learnable", 0.03) == pytest.approx((0.003, 0.3))
+    assert beta_bounds("beta_dpo", 0.1) == (1e-3, math.inf)  # the authors' floor, no ceiling
+    assert beta_bounds("beta_dpo", 0.005) == pytest.approx((0.0005, math.inf))  # a floor below a small beta
+    assert beta_bounds("fixed", 0.1) == beta_bounds("epsilon_dpo", 0.1) == (0.0, math.inf)
+    assert beta_bounds("learnable", 0.03, 0.0, math.inf) == (0.0, math.inf)  # given bounds win
+    assert beta_bounds("learnable", 0.03, beta_max=1.0) == pytest.approx((0.003, 1.0))

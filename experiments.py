@@ -57,6 +57,19 @@ from model_loader import drop_resume_state, is_complete, load_policy, load_token
 HERE = os.path.dirname(os.path.abspath(__file__))
 HH = os.path.join(os.path.dirname(HERE), "shared", "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
 
+
+def shown_path(path: str) -> str:
+    """How reports write a data path: a file under a folder named shared (the innermost one) as
+    ../shared/..., wherever the checkout that ran it lived (result files record absolute paths), so
+    that reports rebuild the same in any clone; other paths relative to the repo."""
+    if not os.path.isabs(path):
+        return path
+    parts = path.split(os.sep)
+    if "shared" in parts:
+        return "/".join([".."] + parts[len(parts) - 1 - parts[::-1].index("shared"):])
+    return os.path.relpath(path, HERE)
+
+
 # configurations are data: train.py flags as dicts (flag name -> value; True is a bare switch), turned
 # into a command line by flags(). Every mode shares its experiment's flags and adds its own.
 MODES = {
@@ -328,7 +341,7 @@ def study_data(data: str, runs_dir: str, results_dir: str) -> dict[str, str]:
     parts["validation_marked"] = [mark_prompt(r, STUDY_E3["marker"]) or r for r in parts["validation"]]
     out_dir = os.path.join(runs_dir, "study", "data")
     os.makedirs(out_dir, exist_ok=True)
-    manifest, texts = dict(source=os.path.relpath(data, HERE) if os.path.isabs(data) else data, **STUDY_SPLITS), {}
+    manifest, texts = dict(source=shown_path(data), **STUDY_SPLITS), {}
     for split, part in parts.items():
         texts[split] = "".join(json.dumps(r, sort_keys=True) + "\n" for r in part)
         manifest[split] = dict(rows=len(part), sha256=hashlib.sha256(texts[split].encode()).hexdigest())
@@ -498,7 +511,7 @@ def data_stats(data: str, results_dir: str) -> None:
     e1 = EXPERIMENTS["e1"]
     tokenizer = load_tokenizer(e1["model_name_or_path"])
     train, held = load_splits(data, "train", None, e1["eval_fraction"], e1["split_seed"])
-    out = dict(source=os.path.relpath(data, HERE) if os.path.exists(data) else data, rows=len(train) + len(held))
+    out = dict(source=shown_path(data), rows=len(train) + len(held))
     for name, rows in (("train", train[:e1["max_train_examples"]]), ("eval", held[:e1["max_eval_examples"]])):
         full, _ = build_examples(rows, tokenizer, 10 ** 6, 10 ** 6 - 1, name=name)
         _, cut = build_examples(rows, tokenizer, e1["max_length"], e1["max_prompt_length"], name=name)
@@ -731,7 +744,7 @@ def data_block(d: dict) -> str:
 def training_block(exp: str, results: list[dict], modes: list[str]) -> str:
     """report.md's training paragraph: the exact command of every run, and minutes per mode."""
     data = config_of(results[0])["dataset"]
-    data = os.path.relpath(data, HERE) if os.path.isabs(data) else data
+    data = shown_path(data)
     lines = [f"Every {exp} run: `python train.py --dataset {data} {' '.join(flags(EXPERIMENTS[exp]))}` plus the mode's flags ("
              + "; ".join(f"`{m}`: `{' '.join(flags(MODES[m]))}`" for m in MODES) + ") and `--seed 0|1|2`; train.py evaluates "
              "the final policy on the held-out pairs (final/eval.json). AdamW (0.9, 0.999, eps 1e-8), no weight decay, "

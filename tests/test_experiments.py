@@ -235,19 +235,30 @@ def test_a_stopped_run_resumes_and_counts_every_attempt(tiny_qwen2_dir, tmp_path
     assert "resumed from" in open(os.path.join(run_dir, "train.log")).read()
 
 
-def test_the_committed_report_rebuilds_from_the_committed_results(tmp_path):
+def test_the_committed_report_rebuilds_from_the_committed_results(tmp_path, monkeypatch):
     """Every `experiments.py report ...` on a copy of results/ and report.md changes no table:
-    report.md's blocks and results/*.md are what the commands make of the committed result files."""
+    report.md's blocks and results/*.md are what the commands make of the committed result files,
+    wherever the checkout lives (CI clones it elsewhere than the one that ran the experiments)."""
     import experiments as E
-    shutil.copytree(os.path.join(E.HERE, "results"), tmp_path / "results")
-    shutil.copy(os.path.join(E.HERE, "report.md"), tmp_path / "report.md")
+    here = E.HERE
+    shutil.copytree(os.path.join(here, "results"), tmp_path / "results")
+    shutil.copy(os.path.join(here, "report.md"), tmp_path / "report.md")
+    monkeypatch.setattr(E, "HERE", str(tmp_path / "a" / "checkout" / "three" / "levels" / "deeper"))
     res = str(tmp_path / "results")
     for experiment in ("e1", "e2", "bf16"):
         E.rebuild(experiment, "", res)
     for phase in E.STUDY_PHASES:
         E.rebuild("study", phase, res)
-    tables = sorted(glob.glob("**/*.md", root_dir=os.path.join(E.HERE, "results"), recursive=True))
+    tables = sorted(glob.glob("**/*.md", root_dir=os.path.join(here, "results"), recursive=True))
     assert tables == sorted(glob.glob("**/*.md", root_dir=res, recursive=True))  # none written that is not committed
     for name in tables:
-        assert open(os.path.join(res, name)).read() == open(os.path.join(E.HERE, "results", name)).read(), name
-    assert open(tmp_path / "report.md").read() == open(os.path.join(E.HERE, "report.md")).read()
+        assert open(os.path.join(res, name)).read() == open(os.path.join(here, "results", name)).read(), name
+    assert open(tmp_path / "report.md").read() == open(os.path.join(here, "report.md")).read()
+
+
+def test_shown_path_writes_shared_data_as_the_sibling_folder_wherever_it_was():
+    import experiments as E
+    assert E.shown_path("/work/shared/data/hh/pairs.jsonl.gz") == "../shared/data/hh/pairs.jsonl.gz"
+    assert E.shown_path("/home/shared/ci/x/shared/data/p.jsonl") == "../shared/data/p.jsonl"  # the innermost shared/
+    assert E.shown_path("data/mine.jsonl") == "data/mine.jsonl"
+    assert E.shown_path(os.path.join(E.HERE, "runs", "d.jsonl")) == os.path.join("runs", "d.jsonl")

@@ -1172,7 +1172,7 @@ def e3_training_rows(results: list[dict], modes: list[str], noisy: set[int], pat
     rows = [f"| mode | seeds | β noisy / clean, steps 1–{DRIFT_STEPS} | last {DRIFT_STEPS} steps | "
             f"AUC P(β noisy < β clean), steps 1–{DRIFT_STEPS} | last {DRIFT_STEPS} steps |", "| --- | --- | --- | --- | --- | --- |"]
     cell = lambda xs: fmt_ci(xs, digits=3, per_seed=True)  # noqa: E731
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for k, mode in enumerate(modes):
         runs = [r for r in results if r["mode"] == mode and "pair_beta" in r]
         ws = [pair_beta_windows(r, noisy) for r in runs]
@@ -1187,7 +1187,7 @@ def e3_training_rows(results: list[dict], modes: list[str], noisy: set[int], pat
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(xlabel=f"step (windows of {DRIFT_STEPS})", ylabel="mean β noisy / mean β clean",
            title="E3: β of the noisy training pairs, per seed")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden
     fig.tight_layout()
     save_figure(fig, path)
     return rows

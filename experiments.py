@@ -821,7 +821,7 @@ def report_bf16(results_dir: str) -> None:
     get = lambda mode, prec: sorted((r for r in results if r["mode"] == f"{mode}@{prec}"), key=lambda r: r["seed"])  # noqa: E731
     keys = ("loss_beta0", "rewards/accuracies", "rewards_beta0/margins")
     rows = ["# bf16: bf16 autocast against fp32\n",
-            f"Every run: `python train.py --dataset ../shared/data/hh-rlhf-harmless-base/pairs-2000.jsonl.gz "
+            f"Every run: `python train.py --dataset {shown_path(config_of(results[0])['dataset'])} "
             f"{' '.join(flags(EXPERIMENTS['bf16']))}` plus `--beta_mode fixed|learnable`, `--precision fp32|bf16` and "
             "`--seed 0|1`. Final held-out metrics (100 pairs) per seed; 'precision Δ' is bf16 − fp32 at the same seed "
             "(same data order and init), 'seed Δ' is seed 1 − seed 0 at the same precision: bf16 trains like fp32 "

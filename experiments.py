@@ -53,6 +53,7 @@ from tqdm import tqdm
 from beta_head import beta_bounds, ppl_scale, sequence_logps
 from data import BadRow, build_examples, collate, load_rows, load_splits, normalize_row
 from model_loader import drop_resume_state, is_complete, load_policy, load_tokenizer
+from stats import auc, combined_interval, detectable, holm, mean_ci, pair_bootstrap, partial_spearman, spearman
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HH = os.path.join(os.path.dirname(HERE), "shared", "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
@@ -138,7 +139,6 @@ E2_SAMPLES, E2_EVAL_SAMPLES, E2_NEW_TOKENS = 4, 4, 40
 E2_TRAIN = dict(eval_fraction=0.1, split_seed=0, max_length=112, max_prompt_length=64, batch_size=4,
                 gradient_accumulation_steps=2, num_epochs=1, policy_lr=2e-5, warmup_ratio=0.1, log_every_steps=2,
                 eval_every_steps=0, save_every_steps=0, eval_batch_size=16, precompute_ref=True, precision="fp32")
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def train_run(run_dir: str, flags: list[str]) -> tuple[list[dict], float]:
@@ -580,18 +580,6 @@ def spread(xs: list[float], digits: int = 3) -> str:
     return f"{sum(xs) / len(xs):.{digits}f} [{min(xs):.{digits}f}, {max(xs):.{digits}f}]"
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval over seeds (nan for one seed)."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    m = sum(values) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    return m, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
-
-
 def report(exp: str, results_dir: str) -> None:
     """results/<exp>.md, its figures and report.md's blocks, from the result files alone."""
     import matplotlib
@@ -931,55 +919,7 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
 # -----------------------------------------------------------------------------
 # the study's final phases: the headline comparison on the test split, E3, the runaway
 
-T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883}
 TEST_KEYS = ("rewards/accuracies", "loss_beta0", "rewards_beta0/margins", "logratio/chosen", "logratio/rejected")
-
-
-def ranks(xs: list[float]) -> list[float]:
-    """Ranks 1..n, ties given their mean rank."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    out = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def pearson(a: list[float], b: list[float]) -> float:
-    n = len(a)
-    ma, mb = sum(a) / n, sum(b) / n
-    sab = sum((x - ma) * (y - mb) for x, y in zip(a, b))
-    saa, sbb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
-    return sab / math.sqrt(saa * sbb) if saa > 0 and sbb > 0 else float("nan")
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    return pearson(ranks(a), ranks(b))
-
-
-def residuals(y: list[float], covariates: list[list[float]]) -> list[float]:
-    """y minus its least-squares fit on the covariates (and an intercept)."""
-    X = torch.tensor([[1.0] + list(c) for c in zip(*covariates)], dtype=torch.float64)
-    t = torch.tensor(y, dtype=torch.float64)[:, None]
-    coef = torch.linalg.lstsq(X, t).solution
-    return (t - X @ coef)[:, 0].tolist()
-
-
-def partial_spearman(a: list[float], b: list[float], covariates: list[list[float]]) -> float:
-    """Spearman correlation of a and b with the covariates' (ranked) linear effect removed from both."""
-    cov = [ranks(c) for c in covariates]
-    return pearson(residuals(ranks(a), cov), residuals(ranks(b), cov))
-
-
-def auc(lower: list[float], higher: list[float]) -> float:
-    """P(a value of `lower` < a value of `higher`) (ties count half): 1 = always lower, 0.5 = no order."""
-    wins = sum((x < y) + 0.5 * (x == y) for x in lower for y in higher)
-    return wins / (len(lower) * len(higher))
 
 
 def fmt_ci(values: list[float], signed: bool = False, digits: int = 4, per_seed: bool = False) -> str:
@@ -988,19 +928,6 @@ def fmt_ci(values: list[float], signed: bool = False, digits: int = 4, per_seed:
     num = lambda x: f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"  # noqa: E731
     out = num(m) + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
     return out + (f" ({'; '.join(num(x) for x in values)})" if per_seed and len(values) > 1 else "")
-
-
-def pair_bootstrap(diffs: list[list[float]], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of the mean over seeds of the mean per-pair difference, resampling the test
-    pairs (the same resampled pairs for every seed): the test split's own sampling error."""
-    import random
-    rng, n = random.Random(seed), len(diffs[0])
-    means = []
-    for _ in range(draws):
-        idx = [rng.randrange(n) for _ in range(n)]
-        means.append(sum(sum(d[i] for i in idx) / n for d in diffs) / len(diffs))
-    means.sort()
-    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
 
 
 def pair_values(per_pair: dict, beta0: float) -> dict[str, list[float]]:
@@ -1040,26 +967,108 @@ def final_rows(results: list[dict], modes: list[str], split: str) -> list[str]:
     fixed = {r["seed"]: r for r in results if r["mode"] == "fixed"}
     if not fixed:
         return rows
-    beta0 = config_of(next(iter(fixed.values())))["beta"]
-    rows += ["", f"Difference to `fixed` on the {split} split, paired by seed: mean ± 95% t-interval over seeds, then "
-             "[95% interval from resampling the test pairs]; 'detectable' is the smallest true difference the seeds "
-             "would detect with 80% power at α = 0.05, from the observed seed-to-seed s.d. of the difference "
-             "((t.975 + t.80) · s.d. / √n); each seed's value in parentheses.", "",
-             "| mode | seeds | Δ accuracy | [pairs] | detectable | Δ loss@β0 | [pairs] | detectable | "
-             "Δ validation loss@β0 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows += ["", f"Difference to `fixed` on the {split} split and on validation, paired by seed: mean ± 95% t-interval "
+             "over seeds (each seed's value; the test pairs held fixed), then [95% interval from resampling the test "
+             "pairs] (the policies held fixed), then the **combined** 95% interval that holds both (stats.combined_interval: "
+             "seed and pair variance added, Welch-Satterthwaite degrees of freedom) — the one the verdict reads. "
+             "'detectable' is the smallest true difference detected with 80% power at α = 0.05 from the combined "
+             "standard error, [its 95% range from the uncertainty of that standard error] (stats.detectable).", "",
+             "| mode | seeds | Δ accuracy, seeds | [pairs] | combined | detectable | Δ loss@β0, seeds | [pairs] | combined | "
+             "detectable | Δ validation loss@β0, seeds | combined |", "|" + " --- |" * 12]
     for mode in [m for m in modes if m != "fixed"]:
         rs = [r for r in results if r["mode"] == mode and r["seed"] in fixed]
         cells = []
         for k in ("rewards/accuracies", "loss_beta0"):
-            d = [r[split]["metrics"][k] - fixed[r["seed"]][split]["metrics"][k] for r in rs]
-            per = [[a - b for a, b in zip(pair_values(r[split]["per_pair"], beta0)[k],
-                                          pair_values(fixed[r["seed"]][split]["per_pair"], beta0)[k])] for r in rs]
-            lo, hi = pair_bootstrap(per) if rs else (float("nan"), float("nan"))
-            n, half = len(d), mean_ci(d)[1]  # half = t.975 * s.d. / sqrt(n)
-            mdd = half * (T95.get(n - 1, 1.96) + T80.get(n - 1, 0.84)) / T95.get(n - 1, 1.96) if n > 1 else float("nan")
-            cells += [fmt_ci(d, signed=True, per_seed=True), f"[{lo:+.4f}, {hi:+.4f}]", "–" if math.isnan(mdd) else f"{mdd:.4f}"]
-        cells.append(fmt_ci([r["eval"]["loss_beta0"] - fixed[r["seed"]]["eval"]["loss_beta0"] for r in rs], signed=True, per_seed=True))
+            d = [held_out(r, split)[0][k] - held_out(fixed[r["seed"]], split)[0][k] for r in rs]
+            per = paired_diffs(rs, fixed, split, k)
+            lo, hi = pair_bootstrap(per)
+            c = combined_interval(per)
+            cells += [fmt_ci(d, signed=True, per_seed=True), f"[{lo:+.4f}, {hi:+.4f}]", fmt_combined(c), fmt_detectable(c)]
+        d = [r["eval"]["loss_beta0"] - fixed[r["seed"]]["eval"]["loss_beta0"] for r in rs]
+        cells += [fmt_ci(d, signed=True, per_seed=True), fmt_combined(combined_interval(paired_diffs(rs, fixed, "eval", "loss_beta0")))]
         rows.append(f"| {mode} | {len(rs)} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def held_out(result: dict, split: str) -> tuple[dict, dict]:
+    """(metrics, per_pair) of a result on a held-out split: "eval" is the validation pairs train.py
+    scored, any other name an extra split evaluate_on scored ("test", "validation_marked")."""
+    return (result["eval"], result["per_pair"]) if split == "eval" else (result[split]["metrics"], result[split]["per_pair"])
+
+
+def paired_diffs(results: list[dict], base: dict[int, dict], split: str, key: str) -> list[list[float]]:
+    """Per seed, per pair of `split`: the value of `key` ("rewards/accuracies": 1 when the margin is
+    positive, or "loss_beta0") of each result minus that of base[its seed] (the same pairs in the
+    same order), at the base's beta0."""
+    out = []
+    for r in results:
+        b = base[r["seed"]]
+        p, q = held_out(r, split)[1], held_out(b, split)[1]
+        same = p["row"] == q["row"] if "row" in p and "row" in q else len(p["beta"]) == len(q["beta"])  # early files: no rows
+        if not same:
+            raise ValueError(f"{r['name']} and {b['name']} were scored on different {split} pairs")
+        beta0 = config_of(b)["beta"]
+        out.append([x - y for x, y in zip(pair_values(p, beta0)[key], pair_values(q, beta0)[key])])
+    return out
+
+
+def fmt_combined(c: dict, digits: int = 4) -> str:
+    return f"{c['mean']:+.{digits}f} ± {c['half']:.{digits}f}"
+
+
+def fmt_detectable(c: dict, digits: int = 4) -> str:
+    mdd, lo, hi = detectable(c["se"], c["df"])
+    return f"{mdd:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+FAMILY_METRICS = (("test", "rewards/accuracies", "test accuracy"), ("test", "loss_beta0", "test loss@β0"),
+                  ("eval", "loss_beta0", "validation loss@β0"))
+OUT_OF_REGIME = {"beta_dpo": "β-DPO's statistics see 4 pairs (its authors': 32) and α was not tuned: outside its regime"}
+
+
+def family_rows(results_dir: str) -> list[str]:
+    """Every paired comparison the verdict reads, as one family: each mode against fixed beta in the
+    headline and in E3, and E3's noise cost to fixed beta (E3's fixed against the headline's), on
+    test accuracy, test loss@beta0 and validation loss@beta0. Per comparison the combined interval
+    (seeds and test pairs), its p-value and Holm's adjusted p-value over the whole family: a
+    difference is called real only where the adjusted p is below 0.05."""
+    phases = {p: study_results(results_dir, p) for p in ("headline", "e3")}
+    if not all(phases.values()):
+        return []
+    comps = []  # (what, metric label, combined interval)
+    for phase, results in phases.items():
+        fixed = {r["seed"]: r for r in results if r["mode"] == "fixed"}
+        for mode in dict.fromkeys(r["mode"] for r in results if r["mode"] != "fixed"):
+            rs = sorted((r for r in results if r["mode"] == mode and r["seed"] in fixed), key=lambda r: r["seed"])
+            label = f"{phase}: {mode} − fixed" + (" (out of regime)" if mode in OUT_OF_REGIME else "")
+            comps += [(label, name, combined_interval(paired_diffs(rs, fixed, split, key))) for split, key, name in FAMILY_METRICS]
+    clean = {r["seed"]: r for r in phases["headline"] if r["mode"] == "fixed"}
+    noisy = sorted((r for r in phases["e3"] if r["mode"] == "fixed" and r["seed"] in clean), key=lambda r: r["seed"])
+    comps += [("noise cost: fixed, e3 − headline", name, combined_interval(paired_diffs(noisy, clean, split, key)))
+              for split, key, name in FAMILY_METRICS]
+    adjusted = holm([c["p"] for _, _, c in comps])
+    rows = ["| comparison | metric | difference ± combined 95% | se seeds / se pairs | df | detectable [range] | p | "
+            "Holm-adjusted p | real at family-wise 5%? |", "|" + " --- |" * 9]
+    for (what, name, c), adj in zip(comps, adjusted):
+        rows.append(f"| {what} | {name} | {fmt_combined(c)} | {c['se_seed']:.4f} / {c['se_pair']:.4f} | {c['df']:.1f} | "
+                    f"{fmt_detectable(c)} | {c['p']:.3f} | {adj:.3f} | {'yes' if adj < 0.05 else 'no'} |")
+    return rows + ["", f"{len(comps)} comparisons in the family; " + "; ".join(f"{m}: {why}" for m, why in OUT_OF_REGIME.items()) + "."]
+
+
+def beta_dpo_rows(results: list[dict], after: int = DRIFT_STEPS) -> list[str]:
+    """beta-DPO's batch-level beta over training, from the logged windows after step `after`: its mean,
+    the share of pairs at the floor (beta/clamped_frac: the whole micro-batch shares one beta, so the
+    share of micro-batches), the share of windows in which at least half sat at the floor (there the
+    window's median beta IS the floor), and the largest logged beta in units of beta0."""
+    rows = [f"| run | mean β after step {after} | share at the floor (β = 1e-3) | logged windows whose median is the floor | "
+            "largest logged β | largest / β₀ |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in (r for r in results if r["mode"] == "beta_dpo"):
+        tr = [m for m in curve(r, "train") if m["step"] > after]
+        beta0 = config_of(r)["beta"]
+        top = max(m["beta/max"] for m in tr)
+        rows.append(f"| {r['name']} | {sum(m['beta/mean'] for m in tr) / len(tr):.4f} | "
+                    f"{sum(m['beta/clamped_frac'] for m in tr) / len(tr):.2f} | "
+                    f"{sum(m['beta/clamped_frac'] >= 0.5 for m in tr)} of {len(tr)} | {top:.3f} | {top / beta0:.1f} |")
     return rows
 
 
@@ -1311,6 +1320,9 @@ def report_study_final(phase: str, results_dir: str) -> None:
     else:
         plot_final(results, modes, os.path.join(fig_dir, f"study_{phase}.png"))
         rows += final_rows(results, modes, "test")
+        if "beta_dpo" in modes:
+            rows += ["", f"β-DPO's β during training ({OUT_OF_REGIME['beta_dpo']}): its floor 1e-3 binds often, so the "
+                     "mean overstates the typical β:", ""] + beta_dpo_rows(results)
         if any(m.startswith("learnable") for m in modes):
             plot_study_beta(results, modes, "test", os.path.join(fig_dir, f"study_{phase}_beta.png"))
             rows += ["", "β against the margin on the test pairs (Spearman ρ; all seeds pooled), prompt length and "
@@ -1342,6 +1354,11 @@ def rebuild(experiment: str, phase: str, results_dir: str) -> None:
         else:
             report_study_final(phase, results_dir)
         splice(results_dir, "study_cost", "\n".join(study_cost_rows(results_dir)))
+        family = family_rows(results_dir)
+        if family:
+            write_text(os.path.join(results_dir, "study", "family.md"), "# study: every paired comparison the verdict "
+                       "reads, with Holm's correction over the family\n\n" + "\n".join(family) + "\n")
+            splice(results_dir, "study_family", "\n".join(family))
     elif experiment == "e2":
         report_e2(results_dir)
     elif experiment == "bf16":

@@ -6,37 +6,7 @@ import math
 import pytest
 
 import experiments as E
-
-
-def test_ranks_and_spearman_by_hand():
-    assert E.ranks([3.0, 1.0, 2.0, 2.0]) == [4.0, 1.0, 2.5, 2.5]  # ties share their mean rank
-    # ranks of b are 1 2 4 3: rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 2 / 60 = 0.8
-    assert E.spearman([1, 2, 3, 4], [10, 20, 30, 25]) == pytest.approx(0.8)
-    assert E.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert math.isnan(E.spearman([1, 1, 1], [1, 2, 3]))  # no spread, no correlation
-
-
-def test_partial_spearman_removes_a_shared_cause():
-    # a and b both follow t, plus independent wiggles: correlated, but not once t is held fixed
-    import random
-    rng = random.Random(0)
-    t = [i % 4 for i in range(200)]  # four strata, far apart
-    a = [10 * x + rng.random() for x in t]
-    b = [10 * x + rng.random() for x in t]
-    assert E.spearman(a, b) > 0.85
-    assert abs(E.partial_spearman(a, b, [t])) < 0.15
-    c = [x + 0.5 * y for x, y in zip(a, b)]  # depends on b beyond t: the partial correlation stays
-    assert E.partial_spearman(c, b, [t]) > 0.3
-    # residuals of a line on its own covariate are zero
-    assert max(abs(r) for r in E.residuals([2 * x + 1 for x in t], [t])) < 1e-9
-
-
-def test_auc_by_hand():
-    assert E.auc([1, 2], [3, 4]) == 1.0
-    assert E.auc([3, 4], [1, 2]) == 0.0
-    # pairs (1,2) win, (3,2) loses, ties count half: (1,2) (1,2) (3,2) (3,2) -> 2 / 4
-    assert E.auc([1, 3], [2, 2]) == 0.5
-    assert E.auc([1, 2], [2, 2]) == pytest.approx((1 + 1 + 0.5 + 0.5) / 4)
+import stats as S
 
 
 def test_mean_interval_and_per_seed_cells_by_hand():
@@ -50,16 +20,12 @@ def test_mean_interval_and_per_seed_cells_by_hand():
     assert E.spread([0.03, 0.02], 4) == "0.0250 [0.0200, 0.0300]"
 
 
-def test_pair_values_and_bootstrap():
+def test_pair_values_by_hand():
     per_pair = dict(policy_chosen_logps=[0.0, 1.0], reference_chosen_logps=[0.0, 0.0],
                     policy_rejected_logps=[1.0, 0.0], reference_rejected_logps=[0.0, 0.0])
     v = E.pair_values(per_pair, beta0=0.1)  # margins -1 and +1
     assert v["rewards/accuracies"] == [0.0, 1.0]
     assert v["loss_beta0"] == pytest.approx([math.log1p(math.exp(0.1)), math.log1p(math.exp(-0.1))])
-    lo, hi = E.pair_bootstrap([[1.0] * 50])  # a constant difference has no sampling error
-    assert lo == hi == 1.0
-    lo, hi = E.pair_bootstrap([[0.0, 1.0] * 100])  # mean 0.5, s.e. 0.5 / sqrt(200) = 0.035
-    assert 0.40 < lo < 0.46 and 0.54 < hi < 0.60
 
 
 def test_label_noise_marks_and_swaps_a_seeded_subset():
@@ -129,3 +95,47 @@ def test_study_cost_counts_each_run_once(tmp_path):
     assert rows[2:] == [f"| {phases[0]} | 2 | 15.0 [10.0, 20.0] | 30.0 |",
                         f"| {phases[1]} | 1 | 30.0 [30.0, 30.0] | 30.0 |",
                         "| all | 3 | 20.0 [10.0, 30.0] | 60.0 (1.00 h) |"]
+
+
+def _result(name: str, mode: str, seed: int, val: list[float], test: list[float]) -> dict:
+    """A result file whose held-out margins are the given numbers (policy chosen log-prob = margin)."""
+    pp = lambda m: dict(policy_chosen_logps=m, reference_chosen_logps=[0.0] * len(m), beta=[0.1] * len(m),  # noqa: E731
+                        policy_rejected_logps=[0.0] * len(m), reference_rejected_logps=[0.0] * len(m), row=list(range(len(m))))
+    return dict(name=name, mode=mode, seed=seed, config=dict(beta=1.0), eval={}, per_pair=pp(val),
+                test=dict(metrics={}, per_pair=pp(test)))
+
+
+def test_paired_diffs_and_the_family_with_holm(tmp_path):
+    """paired_diffs: per seed and pair, mode minus fixed (accuracy: margin > 0). family_rows: every
+    comparison of the headline and E3 plus fixed beta's noise cost, each with the combined interval,
+    and Holm's correction over all of them."""
+    fixed = {0: _result("fixed-s0", "fixed", 0, [1.0, -1.0], [1.0, -1.0, 2.0]),
+             1: _result("fixed-s1", "fixed", 1, [1.0, 1.0], [-1.0, -1.0, 2.0])}
+    other = [_result("x-s0", "x", 0, [1.0, 1.0], [1.0, 1.0, -2.0]), _result("x-s1", "x", 1, [1.0, 1.0], [1.0, -1.0, -2.0])]
+    assert E.paired_diffs(other, fixed, "test", "rewards/accuracies") == [[0.0, 1.0, -1.0], [1.0, 0.0, -1.0]]
+    loss = E.paired_diffs(other, fixed, "eval", "loss_beta0")  # beta0 = 1: log(1 + e^-m)
+    assert loss[0] == pytest.approx([0.0, math.log1p(math.exp(-1)) - math.log1p(math.exp(1))]) and loss[1] == [0.0, 0.0]
+    with pytest.raises(ValueError):  # other pairs than fixed's
+        E.paired_diffs([dict(other[0], test=dict(metrics={}, per_pair=dict(other[0]["test"]["per_pair"], row=[5, 6, 7])))],
+                       fixed, "test", "loss_beta0")
+    for phase in ("headline", "e3"):
+        (tmp_path / "study" / phase).mkdir(parents=True)
+        for r in list(fixed.values()) + other:
+            (tmp_path / "study" / phase / f"{r['name']}.json").write_text(json.dumps(dict(r, experiment=f"study/{phase}")))
+    rows = E.family_rows(str(tmp_path))
+    body = [r for r in rows[2:] if r.startswith("| ")]
+    assert len(body) == 9 and "9 comparisons in the family" in rows[-1]  # (x, both phases, noise cost) x 3 metrics
+    p = [float(r.split(" | ")[6]) for r in body]
+    assert [float(r.split(" | ")[7]) for r in body] == pytest.approx([round(x, 3) for x in S.holm(p)], abs=1e-3)
+    acc = S.combined_interval([[0.0, 1.0, -1.0], [1.0, 0.0, -1.0]])
+    assert body[0].startswith(f"| headline: x − fixed | test accuracy | {acc['mean']:+.4f} ± {acc['half']:.4f} |")
+    assert E.family_rows(str(tmp_path / "none")) == []  # no results: no family
+
+
+def test_beta_dpo_rows_report_the_floor_and_the_median():
+    """After step 25: mean of the logged means, mean clamped share, and the windows where at least half of
+    the micro-batches sat at the floor (the median there is the floor)."""
+    logs = [dict(split="train", step=s, **{"beta/mean": b, "beta/clamped_frac": c, "beta/max": x})
+            for s, b, c, x in ((25, 9.0, 0.0, 9.0), (30, 0.05, 0.5, 0.2), (35, 0.07, 0.25, 0.4), (40, 0.03, 0.75, 0.1))]
+    rows = E.beta_dpo_rows([dict(name="beta_dpo-s0", mode="beta_dpo", config=dict(beta=0.02), curves=logs)])
+    assert rows[2] == "| beta_dpo-s0 | 0.0500 | 0.50 | 2 of 3 | 0.400 | 20.0 |"

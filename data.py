@@ -24,7 +24,9 @@ tokens (the turn being answered), whatever the response length; then responses a
 prompt + response <= max_length. Both are counted in the data report. A response ends at its
 first EOS (anything a template adds after it, such as a newline, is dropped).
 
-Bad rows are skipped and counted by reason (strict=True raises instead, naming the row).
+Bad rows are skipped and counted by reason (strict=True raises instead, naming the row). A row
+whose text holds one of the tokenizer's special tokens (`<｜User｜>`, `<|im_end|>`, EOS...) is one
+of them (`special_token_in_text`): tokenised as it is, the text would become real turn boundaries.
 """
 
 import csv
@@ -336,6 +338,27 @@ def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, max_length: int
     return dict(prompt_ids=prompt_ids, chosen_ids=resp_ids[0], rejected_ids=resp_ids[1]), events
 
 
+def structure_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens as text (BOS, EOS, turn markers such as DeepSeek's `<｜User｜>`
+    or SmolLM2's `<|im_start|>`): written inside a prompt or response they would be read as the real
+    token, so a data row could forge turns the chat template never rendered. Added tokens that are
+    not special (DeepSeek's `<think>` / `</think>`) are ordinary text of a response and stay."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted({t.content for t in added.values() if t.special} | set(tokenizer.all_special_tokens), key=len,
+                  reverse=True)
+
+
+def check_plain_text(prompt, chosen: str, rejected: str, markers: list[str]) -> None:
+    """BadRow('special_token_in_text') when any text of the row holds one of `markers`."""
+    texts = [("prompt", prompt)] if isinstance(prompt, str) else [(f"prompt message {k}", m["content"])
+                                                                 for k, m in enumerate(prompt)]
+    for where, text in texts + [("chosen response", chosen), ("rejected response", rejected)]:
+        hit = next((t for t in markers if t in text), None)
+        if hit:
+            raise BadRow("special_token_in_text", f"the {where} contains the tokenizer's special token {hit!r}, which "
+                         "would become a real turn or sequence marker; remove it from the data")
+
+
 def build_examples(rows: list, tokenizer, max_length: int, max_prompt_length: int,
                    use_chat_template: bool = True, strict: bool = False, name: str = "data",
                    think_prefill: str = "close"):
@@ -346,9 +369,11 @@ def build_examples(rows: list, tokenizer, max_length: int, max_prompt_length: in
     if not rows:
         raise DataError(f"{name}: the dataset is empty; check --dataset and --split")
     examples, skipped, events, first_bad = [], Counter(), Counter(), {}
+    markers = structure_tokens(tokenizer)
     for i, row in enumerate(rows):
         try:
             prompt, c, r = normalize_row(row)
+            check_plain_text(prompt, c, r, markers)
             ex, ev = tokenize_pair(tokenizer, prompt, c, r, max_length, max_prompt_length, use_chat_template,
                                    think_prefill)
         except BadRow as e:

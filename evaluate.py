@@ -19,14 +19,15 @@ responses to the first 8 held-out prompts, greedy, with each pair's beta and mar
 """
 
 import argparse
+import os
 import sys
 
 import torch
 
 from beta_head import eval_metrics, run_eval
 from data import DataError, build_examples, load_rows, load_splits
-from model_loader import (add_reference_cache, autocast_dtype, build_model, load_tokenizer, make_accelerator,
-                          read_run_config, write_eval, write_samples)
+from model_loader import (add_reference_cache, autocast_dtype, build_model, check_checkpoint, load_tokenizer,
+                          make_accelerator, nonfinite_tensors, read_run_config, write_eval, write_samples)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -51,6 +52,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="samples: 0 = greedy, else sample at this temperature")
     p.add_argument("--top_p", type=float, default=1.0, help="samples: nucleus sampling's probability mass (temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="samples: seed of the sampling (temperature > 0)")
+    p.add_argument("--allow_nonfinite", action="store_true",
+                   help="evaluate a checkpoint whose weights hold NaN or inf anyway (refused by default: such numbers "
+                        "are not a result); eval.json then records nonfinite_tensors")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_examples < 0:
         p.error("--batch_size must be >= 1 and --max_examples >= 0")
@@ -76,6 +80,10 @@ def eval_examples(args, cfg: dict, tokenizer) -> tuple[list[dict], dict]:
 
 def main(argv=None):
     args = get_args(argv)
+    if not os.path.isdir(args.ckpt):
+        raise DataError(f"--ckpt {args.ckpt} is not a directory; pass a checkpoint written by train.py "
+                        "(runs/NAME/final or runs/NAME/checkpoints/step_N)")
+    check_checkpoint(args.ckpt)  # a damaged file: one line naming it, before anything loads
     cfg = read_run_config(args.ckpt)
     precision = args.precision or cfg.get("precision", "auto")
     if precision == "auto" and not args.precision:  # recorded before train.py resolved it: the rule of then
@@ -84,6 +92,10 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.ckpt)
     examples, report = eval_examples(args, cfg, tokenizer)
     model = build_model(cfg, accelerator.device, autocast_dtype(accelerator), ckpt=args.ckpt, training=False)
+    bad, n_tensors = nonfinite_tensors(model)
+    if bad and not args.allow_nonfinite:
+        raise DataError(f"--ckpt {args.ckpt}: {len(bad)} of {n_tensors} weight tensors hold NaN or inf (first: {bad[0]}): "
+                        "its numbers would not be a result; evaluate an earlier checkpoint, or pass --allow_nonfinite")
     if cfg.get("precompute_ref"):  # the run's reference cache covers its held-out split: reuse it
         add_reference_cache(model, examples, cfg["ref_cache_dir"], args.batch_size, accelerator,
                             tokenizer.pad_token_id, cfg["model_name_or_path"], cfg["gguf_file"])
@@ -93,6 +105,8 @@ def main(argv=None):
 
     stats = run_eval(model, examples, args.batch_size, accelerator, tokenizer.pad_token_id, progress=True)
     metrics = eval_metrics(stats, cfg["beta"], cfg["beta_min"], cfg["beta_max"], head)
+    if bad:  # --allow_nonfinite: said in eval.json and eval.md beside the numbers
+        metrics["nonfinite_tensors"] = len(bad)
     if accelerator.is_main_process:
         write_eval(args.ckpt, stats, metrics, report, f"{len(examples)} held-out pairs (skipped {report['skipped']}), "
                    f"beta_mode={cfg['beta_mode']}, beta0={cfg['beta']}.", vars(args), examples, args.out_name)

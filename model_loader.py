@@ -403,7 +403,9 @@ def load_checkpoint(path: str, base: torch.nn.Module, beta_mode: str, training: 
 
 def load_trainer_state(path: str) -> dict:
     """The optimizer state and counters save_checkpoint wrote; restores the RNG states it saved."""
-    state = torch.load(os.path.join(path, TRAINER_STATE), weights_only=True)
+    # on the CPU: the optimizer's load_state_dict moves each state to its parameter's device (saved from
+    # cuda:0, it would otherwise land on cuda:0 in every process of a multi-GPU resume)
+    state = torch.load(os.path.join(path, TRAINER_STATE), weights_only=True, map_location="cpu")
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"]:
@@ -415,6 +417,56 @@ def load_trainer_state(path: str) -> dict:
 RUN_CONFIG_KEYS = ("model_name_or_path", "gguf_file", "trust_remote_code", "dataset", "split", "eval_split",
                    "eval_fraction", "split_seed", "dataset_config", "dataset_data_dir", "max_eval_examples",
                    "max_length", "max_prompt_length", "no_chat_template", "beta_mode", "beta", "beta_min", "beta_max")
+
+
+def check_checkpoint(path: str) -> None:
+    """Read back what a resume or evaluate.py will load from checkpoint `path` — every .safetensors
+    file's header against its size, every .json file, the trainer state's pickle (tensors stay on
+    disk: mmap) — and raise DataError naming the first damaged or foreign file, what is wrong and
+    what to do. Nothing is loaded into the model here and nothing is deleted."""
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        try:
+            if name.endswith(".safetensors"):
+                check_safetensors(file)
+            elif name.endswith(".json"):
+                with open(file, encoding="utf-8") as f:
+                    json.load(f)
+            elif name == TRAINER_STATE:
+                torch.load(file, weights_only=True, mmap=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - any failure to read back is a damaged file
+            what = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            if name == TRAINER_STATE and "weights_only" in str(e):
+                what = "it holds objects other than tensors (torch.load(weights_only=True) refused it, nothing ran)"
+            raise DataError(f"checkpoint {path}: {name} is damaged or not written by train.py ({what}); resume from "
+                            "an earlier checkpoint (--resume_from auto passes over damaged ones) or evaluate another") from None
+
+
+def check_safetensors(path: str) -> None:
+    """A .safetensors file is whole: 8 bytes of header length, the JSON header, then exactly the bytes
+    its tensors' offsets promise (a copy cut short or a full disk leaves fewer)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes, shorter than a header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise ValueError(f"truncated: its header alone should take {n} bytes, the file has {size}")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise ValueError(f"truncated: {size} bytes where its header promises {8 + n + end}")
+
+
+def nonfinite_tensors(model: DynamicBetaDPOModel) -> tuple[list[str], int]:
+    """(names of the trained tensors — policy and BetaHead, not the reference — that hold NaN or inf,
+    how many tensors there are)."""
+    named = list(model.policy_model.state_dict().items())
+    if model.beta_head is not None:
+        named += [("beta_head." + k, v) for k, v in model.beta_head.state_dict().items()]
+    bad = [k for k, v in named if v.is_floating_point() and not torch.isfinite(v).all()]
+    return bad, len(named)
 
 
 def read_run_config(ckpt: str) -> dict:

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from beta_head import DynamicBetaDPOModel, beta_bounds, eval_metrics, run_eval, summarize
 from data import THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, load_splits
 from model_loader import (DEFAULT_MODEL, TRACKERS, TRAINER_STATE, add_reference_cache, autocast_dtype, build_model,
-                          complete_checkpoints, is_complete, load_tokenizer, load_trainer_state, make_accelerator,
+                          check_checkpoint, complete_checkpoints, is_complete, load_tokenizer, load_trainer_state, make_accelerator,
                           model_card, peak_memory_gb, prune_checkpoints, read_run_config, save_checkpoint, write_eval, write_samples)
 
 
@@ -321,20 +321,39 @@ def check_resume(resume: str, args) -> None:
 
 
 
-def resolve_resume(args) -> str | None:
-    """The checkpoint --resume_from names: 'auto' is the run's newest complete one (None when it has
-    none yet: start fresh); a directory must be complete."""
+def resolve_resume(args, say=print) -> str | None:
+    """The checkpoint --resume_from names: 'auto' is the run's newest complete one that reads back
+    whole (check_checkpoint; a damaged newer one is passed over, said, and left on disk; None when
+    there is none yet: start fresh); a directory must be complete and whole."""
     if args.resume_from is None:
         return None
     if args.resume_from == "auto":
-        ckpts = complete_checkpoints(args.output_dir)
-        return ckpts[-1] if ckpts else None
+        for ckpt in reversed(complete_checkpoints(args.output_dir)):
+            try:
+                check_checkpoint(ckpt)
+                return ckpt
+            except DataError as e:
+                say(f"warning: passing over {e}")
+        return None
     if not is_complete(args.resume_from):
         raise DataError(f"--resume_from {args.resume_from}: not a complete checkpoint (no COMPLETED marker)")
     if not os.path.exists(os.path.join(args.resume_from, TRAINER_STATE)):
         raise DataError(f"--resume_from {args.resume_from}: holds no optimizer state (final/ is the model to "
                         "deploy); resume from checkpoints/step_N, which --keep_checkpoints keeps after a run")
+    check_checkpoint(args.resume_from)
     return args.resume_from
+
+
+def check_disk(args, model: DynamicBetaDPOModel) -> None:
+    """Before any training: the output disk must hold one checkpoint of this run (the trained weights,
+    plus AdamW's two fp32 moments per trained parameter when step checkpoints are saved)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    weights = sum(p.numel() * p.element_size() for p in (trained if args.lora_r else model.policy_model.parameters()))
+    need = weights + (sum(8 * p.numel() for p in trained) if args.save_every_steps else 0)
+    free = shutil.disk_usage(args.output_dir).free
+    if free < need:
+        raise DataError(f"--output_dir {args.output_dir}: its disk has {free / 1e9:.2f} GB free and one checkpoint "
+                        f"of this run needs about {need / 1e9:.2f} GB; free some space or choose another --output_dir")
 
 
 # -----------------------------------------------------------------------------
@@ -355,6 +374,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)  # the BetaHead's (and LoRA's) initial weights
     model = build_model(vars(args), accelerator.device, autocast_dtype(accelerator), ckpt=resume)
+    check_disk(args, model)
     if args.precompute_ref:  # then train with no reference model in memory
         for examples in (train_examples, eval_examples):
             add_reference_cache(model, examples, args.ref_cache_dir, args.eval_batch_size, accelerator,
@@ -459,7 +479,10 @@ def check_launch(args, accelerator: Accelerator) -> None:
 def setup_run_dir(args, accelerator: Accelerator) -> str | None:
     """Create the run directory and write config.json; never clobber another run. Returns the
     checkpoint to resume from, if any."""
-    resume = resolve_resume(args)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise DataError(f"--output_dir {args.output_dir} is a file, not a directory; choose another --output_dir "
+                        "(or --run_name)")
+    resume = resolve_resume(args, accelerator.print)
     if resume:
         check_resume(resume, args)
     run_dir = args.output_dir
@@ -474,9 +497,13 @@ def setup_run_dir(args, accelerator: Accelerator) -> str | None:
     if accelerator.is_main_process:
         if args.overwrite_output_dir and resume is None and os.path.isdir(run_dir):
             shutil.rmtree(run_dir)  # old checkpoints would confuse pruning and --resume_from auto
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(vars(args), f, indent=2)
+        except OSError as e:  # unwritable, read-only or full: one line, before any training
+            raise DataError(f"--output_dir {run_dir}: cannot write there ({e.strerror or e}); choose another "
+                            "--output_dir") from None
     return resume
 
 

@@ -4,6 +4,7 @@ checkpoint that resume would load half-written, a failed save leaves earlier che
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,3 +125,61 @@ def test_kill_9_at_random_moments_then_resume_exactly(tiny_qwen2_dir, tmp_path):
     for name in ("model.safetensors", "beta_head.safetensors"):
         a, b = load_file(str(ref / "final" / name)), load_file(str(out / "final" / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint_and_resumes_exactly(tiny_qwen2_dir, tmp_path, capsys):
+    """A run whose newest checkpoint (step_3) was cut short resumes from step_2, says so, leaves the
+    damaged one on disk, and ends bit for bit where an uninterrupted run ends."""
+    args = ["--beta_mode", "learnable", "--max_steps", "4", "--beta_head_lr", "1e-2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train.main(common(tiny_qwen2_dir, full, *args, "--save_every_steps", "1", "--save_total_limit", "0"))
+    for step in (2, 3):
+        shutil.copytree(full / "checkpoints" / f"step_{step}", part / "checkpoints" / f"step_{step}")
+    weights = part / "checkpoints" / "step_3" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) - 100)
+    cut = open(weights, "rb").read()
+    capsys.readouterr()
+    # step_2 is the newest readable one; saving every 2 steps writes nothing over step_3
+    train.main(common(tiny_qwen2_dir, part, *args, "--save_every_steps", "2", "--resume_from", "auto"))
+    out = capsys.readouterr().out
+    assert "warning: passing over checkpoint" in out and "step_3: model.safetensors is damaged" in out
+    assert f"resumed from {part / 'checkpoints' / 'step_2'} at step 2" in out
+    assert open(weights, "rb").read() == cut  # nothing deleted or rewritten
+    for name in ("model.safetensors", "beta_head.safetensors"):
+        a, b = load_file(str(full / "final" / name)), load_file(str(part / "final" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_evaluate_nonfinite_weights_only_when_asked(tiny_qwen2_dir, tmp_path):
+    """--allow_nonfinite evaluates a diverged checkpoint anyway and says so in eval.json."""
+    import evaluate
+    from safetensors.torch import save_file
+    out = tmp_path / "run"
+    train.main(common(tiny_qwen2_dir, out, "--max_steps", "1", "--max_eval_examples", "2"))
+    w = load_file(str(out / "final" / "model.safetensors"))
+    name = sorted(w)[0]
+    w[name][0] = float("nan")
+    save_file(w, str(out / "final" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DataError, match=f"1 of {len(w)} weight tensors hold NaN or inf \\(first: {name}\\)"):
+        evaluate.main(["--ckpt", str(out / "final")])
+    evaluate.main(["--ckpt", str(out / "final"), "--allow_nonfinite"])
+    assert json.load(open(out / "final" / "eval.json"))["metrics"]["nonfinite_tensors"] == 1
+
+
+def test_unwritable_or_full_output_disk_is_one_line_before_training(tiny_qwen2_dir, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    def no_write(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    with monkeypatch.context() as m:
+        m.setattr(train.os, "makedirs", no_write)
+        with pytest.raises(DataError, match="cannot write there \\(Permission denied\\); choose another --output_dir"):
+            train.main(common(tiny_qwen2_dir, tmp_path / "ro", "--max_steps", "1"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: usage(10 ** 12, 10 ** 12 - 1000, 1000))
+    steps = []
+    monkeypatch.setattr(train, "train_step", lambda *a: steps.append(1))
+    with pytest.raises(DataError, match="its disk has 0.00 GB free and one checkpoint of this run needs about"):
+        train.main(common(tiny_qwen2_dir, tmp_path / "full", "--max_steps", "1"))
+    assert steps == []  # refused before any training step

@@ -1058,17 +1058,18 @@ def family_rows(results_dir: str) -> list[str]:
 def beta_dpo_rows(results: list[dict], after: int = DRIFT_STEPS) -> list[str]:
     """beta-DPO's batch-level beta over training, from the logged windows after step `after`: its mean,
     the share of pairs at the floor (beta/clamped_frac: the whole micro-batch shares one beta, so the
-    share of micro-batches), the share of windows in which at least half sat at the floor (there the
-    window's median beta IS the floor), and the largest logged beta in units of beta0."""
-    rows = [f"| run | mean β after step {after} | share at the floor (β = 1e-3) | logged windows whose median is the floor | "
-            "largest logged β | largest / β₀ |", "| --- | --- | --- | --- | --- | --- |"]
+    share of micro-batches), the windows in which more than half sat at the floor (there the
+    window's median beta IS the floor; at exactly half it lies between the floor and the next value),
+    and the largest logged beta in units of beta0."""
+    rows = [f"| run | mean β after step {after} | share at the floor (β = 1e-3) | logged windows with more than half at the "
+            "floor (median β = the floor) | largest logged β | largest / β₀ |", "| --- | --- | --- | --- | --- | --- |"]
     for r in (r for r in results if r["mode"] == "beta_dpo"):
         tr = [m for m in curve(r, "train") if m["step"] > after]
         beta0 = config_of(r)["beta"]
         top = max(m["beta/max"] for m in tr)
         rows.append(f"| {r['name']} | {sum(m['beta/mean'] for m in tr) / len(tr):.4f} | "
                     f"{sum(m['beta/clamped_frac'] for m in tr) / len(tr):.2f} | "
-                    f"{sum(m['beta/clamped_frac'] >= 0.5 for m in tr)} of {len(tr)} | {top:.3f} | {top / beta0:.1f} |")
+                    f"{sum(m['beta/clamped_frac'] > 0.5 for m in tr)} of {len(tr)} | {top:.3f} | {top / beta0:.1f} |")
     return rows
 
 

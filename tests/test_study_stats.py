@@ -133,9 +133,9 @@ def test_paired_diffs_and_the_family_with_holm(tmp_path):
 
 
 def test_beta_dpo_rows_report_the_floor_and_the_median():
-    """After step 25: mean of the logged means, mean clamped share, and the windows where at least half of
-    the micro-batches sat at the floor (the median there is the floor)."""
+    """After step 25: mean of the logged means, mean clamped share, and the windows where more than half
+    of the micro-batches sat at the floor (the median there is the floor; at exactly half it is not)."""
     logs = [dict(split="train", step=s, **{"beta/mean": b, "beta/clamped_frac": c, "beta/max": x})
             for s, b, c, x in ((25, 9.0, 0.0, 9.0), (30, 0.05, 0.5, 0.2), (35, 0.07, 0.25, 0.4), (40, 0.03, 0.75, 0.1))]
     rows = E.beta_dpo_rows([dict(name="beta_dpo-s0", mode="beta_dpo", config=dict(beta=0.02), curves=logs)])
-    assert rows[2] == "| beta_dpo-s0 | 0.0500 | 0.50 | 2 of 3 | 0.400 | 20.0 |"
+    assert rows[2] == "| beta_dpo-s0 | 0.0500 | 0.50 | 1 of 3 | 0.400 | 20.0 |"

@@ -80,12 +80,15 @@ class _LMHeadLogps(torch.autograd.Function):
         grad_w = torch.empty(V, H, dtype=ctx.weight_dtype, device=device) if ctx.needs_input_grad[1] else None
         grad_b = torch.empty(V, dtype=ctx.weight_dtype, device=device) if b is not None and ctx.needs_input_grad[2] else None
         vc = max(1, logits_budget(device) // (4 * max(N, 1)))
-        rows = torch.arange(N, device=device)
         for j in range(0, V, vc):
             logits = F.linear(hd, w[j:j + vc], None if b is None else b[j:j + vc])  # (N, vc)
             grad_logits = (logits.float() - lse[:, None]).exp_().mul_(-g)
-            hit = (targets >= j) & (targets < j + vc)  # the target's own column gets + g
-            grad_logits[rows[hit], targets[hit] - j] += grad_out[hit]
+            # the target's own column gets + g: a scatter of g where the target is in this slice and
+            # of 0 elsewhere (no boolean indexing, so no device sync per slice)
+            local = targets - j
+            inside = (local >= 0) & (local < grad_logits.shape[1])
+            grad_logits.scatter_add_(1, local.clamp(0, grad_logits.shape[1] - 1)[:, None],
+                                     torch.where(inside, grad_out, 0.0)[:, None].to(grad_logits.dtype))
             grad_logits = grad_logits.to(dtype)
             if grad_h is not None:
                 grad_h += grad_logits @ w[j:j + vc]

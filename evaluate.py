@@ -101,6 +101,7 @@ def main(argv=None):
                             tokenizer.pad_token_id, cfg["model_name_or_path"], cfg["gguf_file"])
         model.drop_reference()
     head = model.beta_head
+    model.requires_grad_(False)  # evaluation: no gradient buffers in a multi-GPU (DDP) wrapper
     model = accelerator.prepare(model)
 
     stats = run_eval(model, examples, args.batch_size, accelerator, tokenizer.pad_token_id, progress=True)

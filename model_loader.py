@@ -255,7 +255,7 @@ def build_model(cfg: dict, device: torch.device, dtype: torch.dtype | None, ckpt
     lora = is_lora_checkpoint(ckpt) if ckpt else cfg.get("lora_r", 0) > 0
     reference = None if lora else frozen_copy(base, dtype).to(device)
     if ckpt:
-        policy, head, beta_dpo, epsilon_dpo = load_checkpoint(ckpt, base, cfg["beta_mode"], training)
+        policy, head, beta_dpo, epsilon_dpo = load_checkpoint(ckpt, base, cfg["beta_mode"], training, device)
     else:
         policy = add_lora(base, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_target_modules"]) if lora else base
         head = beta_dpo = epsilon_dpo = None
@@ -271,12 +271,21 @@ def build_model(cfg: dict, device: torch.device, dtype: torch.dtype | None, ckpt
     if epsilon_dpo is not None and "epsilon_dpo_epsilon" in cfg:  # the same; its running beta is the saved one
         epsilon_dpo.epsilon = cfg["epsilon_dpo_epsilon"]
     if training and cfg.get("gradient_checkpointing"):
-        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(policy)
     model = DynamicBetaDPOModel(policy, head, reference, cfg["beta"], cfg["beta_min"], cfg["beta_max"],
                                 cfg.get("beta_reg", 0.0), cfg.get("beta_grad_to_policy", False), beta_dpo,
                                 share_prompt=not cfg.get("no_prompt_sharing", False), epsilon_dpo=epsilon_dpo,
                                 label_smoothing=cfg.get("label_smoothing", 0.0))
     return model.to(device)  # the policy and the head; the reference is already there
+
+
+def enable_checkpointing(policy: torch.nn.Module) -> None:
+    """Activation checkpointing, non-reentrant, under either name transformers gives it (5.23:
+    activation_checkpointing_enable; older, e.g. 5.17 on the GPU image: gradient_checkpointing_enable)."""
+    if hasattr(policy, "activation_checkpointing_enable"):
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], cache_dir: str, batch_size: int,
@@ -385,14 +394,16 @@ def save_checkpoint(path: str, model: DynamicBetaDPOModel, tokenizer, config: di
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: str, base: torch.nn.Module, beta_mode: str, training: bool):
+def load_checkpoint(path: str, base: torch.nn.Module, beta_mode: str, training: bool,
+                    device: torch.device | str = "cpu"):
     """The model parts save_checkpoint wrote -> (policy, BetaHead, BetaDPO, EpsilonDPO), the last three
     None where the run's beta_mode has none.
     A LoRA checkpoint's adapters go onto `base` (trainable when training); otherwise the policy
     is the checkpoint's own full model."""
     if is_lora_checkpoint(path):
         from peft import PeftModel
-        policy = PeftModel.from_pretrained(base, path, is_trainable=training)
+        # the adapters straight onto this process's device (peft would pick cuda:0 for every process)
+        policy = PeftModel.from_pretrained(base, path, is_trainable=training, torch_device=str(device))
     else:
         policy = load_policy(path)
     head = BetaHead.from_pretrained(path) if beta_mode == "learnable" else None

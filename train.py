@@ -602,13 +602,14 @@ def train_step(run: Run, batches: list[dict]) -> StepResult:
     are dropped and no weight changes. Gradients are zero on return."""
     accelerator, model, head = run.accelerator, run.model, run.raw.beta_head
     loss_sum, stats, tokens = 0.0, [], 0
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(batches):  # sums stay on the device: no sync per micro-batch
         with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
             loss, s = model(**batch)
             accelerator.backward(loss / len(batches))
-        loss_sum += loss.item()
+        loss_sum = loss_sum + loss.detach().double()  # as the float sum of .item()s was
         stats.append(s)
-        tokens += int(batch["attention_mask"].sum())
+        tokens = tokens + batch["attention_mask"].sum()
+    loss_sum, tokens = float(loss_sum), int(tokens)
     if run.args.fsdp != "none" and head is not None:  # FSDP averaged the policy's gradients, not the BetaHead's
         for p in head.parameters():
             if p.grad is not None:
@@ -848,9 +849,13 @@ def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
     the same)."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.stack([full(g.norm()).float() for g in grads]).norm()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))  # the step's one device sync here
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    if plain:
+        torch._foreach_mul_(plain, coef)  # one fused launch, not one per parameter
     for g in grads:
-        g.mul_(coef.item())
+        if isinstance(g, DTensor):
+            g.mul_(coef)
     return total
 
 

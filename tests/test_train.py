@@ -330,3 +330,15 @@ def test_pair_beta_log_names_the_pairs_each_step_trained_on(tiny_qwen2_dir, tmp_
     ratios = [b / p for b, p in zip(lines[0]["beta"], ppls)]
     assert max(ppls) / min(ppls) > 1.01  # the prompts differ (by ~2% on the random model): a wrong row would show
     assert max(ratios) / min(ratios) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_evaluate_wraps_a_model_that_needs_no_gradients(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """evaluate.py hands accelerate a model with no parameter requiring grad, so a multi-GPU launch does
+    not wrap it in DDP with a gradient buffer per process (~7 GB each for the 1.5B model)."""
+    from accelerate import Accelerator
+    train.main(common(tiny_qwen2_dir, tmp_path / "run", "--max_steps", "1", "--max_eval_examples", "2"))
+    seen, real = [], Accelerator.prepare
+    monkeypatch.setattr(Accelerator, "prepare", lambda self, *m, **k: seen.append(
+        any(p.requires_grad for x in m for p in x.parameters())) or real(self, *m, **k))
+    evaluate.main(["--ckpt", str(tmp_path / "run" / "final")])
+    assert seen == [False]

@@ -321,7 +321,8 @@ def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], cache_
             with accelerator.autocast():
                 parts.append(accelerator.gather(model.reference_logps(
                     b["input_ids"], b["attention_mask"], b["loss_mask"],
-                    model.pair_layout(b["input_ids"], b["attention_mask"], b["prompt_mask"])).view(2, -1).T.contiguous()))
+                    model.pair_layout(b["input_ids"], b["attention_mask"], b["prompt_mask"], b["pack_plan"],
+                                      b["pack_unpack"])).view(2, -1).T.contiguous()))
         logps = torch.cat(parts)[:len(examples)].cpu()
         cached = dict(key=key, chosen=logps[:, 0].contiguous(), rejected=logps[:, 1].contiguous())
         if accelerator.is_main_process:

@@ -50,8 +50,50 @@ from model_loader import (DEFAULT_MODEL, TRACKERS, TRAINER_STATE, add_reference_
                           model_card, peak_memory_gb, prune_checkpoints, read_run_config, save_checkpoint, write_eval, write_samples)
 
 
+# TRL's DPOConfig spellings a user types first -> what to pass here (README "Coming from TRL")
+TRL_FLAGS = {
+    "--learning_rate": "--policy_lr (the policy's peak AdamW learning rate; the BetaHead has --beta_head_lr)",
+    "--per_device_train_batch_size": "--batch_size (pairs per process per micro-batch)",
+    "--per_device_eval_batch_size": "--eval_batch_size",
+    "--num_train_epochs": "--num_epochs (or --max_steps)",
+    "--logging_steps": "--log_every_steps",
+    "--eval_steps": "--eval_every_steps",
+    "--save_steps": "--save_every_steps",
+    "--bf16": "--precision bf16 (the default, --precision auto, picks bf16 where it is fast)",
+    "--resume_from_checkpoint": "--resume_from (a checkpoint directory, or auto)",
+    "--warmup_steps": "--warmup_ratio (a fraction of the training steps)",
+    "--max_completion_length": "--max_length, the prompt plus its response (and --max_prompt_length)",
+    "--loss_type": "--beta_mode (fixed = TRL's sigmoid loss; --label_smoothing for cDPO)",
+    "--lr_scheduler_type": "--lr_scheduler",
+    "--gradient_checkpointing_kwargs": "--gradient_checkpointing (non-reentrant)",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with every default shown in --help, and TRL's flag names answered with ours."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            hints = [f"{k} is TRL's; here use {v}" for k, v in TRL_FLAGS.items()
+                     if any(a.split("=")[0] == k for a in message.split(":", 1)[1].split())]
+            if hints:
+                message += "; " + "; ".join(hints)
+        super().error(message)
+
+
+class HelpFormat(argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default, unless its help already says it (flags whose default is
+    decided later, such as --beta_head_lr, say so in words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=HelpFormat)
     p.add_argument("--config", default=None, help="a YAML file of flags (name: value, e.g. configs/quickstart.yaml); "
                    "flags on the command line override it")
     g = p.add_argument_group("model", "the policy, its reference and how they run")
@@ -148,7 +190,8 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--run_name", default=None, help="name of the run (default: beta mode + time)")
     g.add_argument("--output_dir", default=None, help="run directory (default runs/RUN_NAME)")
     g.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a directory that holds another run")
-    g.add_argument("--resume_from", default=None, help="checkpoint dir to continue from, or 'auto' for the newest complete one")
+    g.add_argument("--resume_from", default=None, help="checkpoint dir to continue from, or 'auto' for the newest "
+                   "complete one ('latest' means the same)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order and the BetaHead init")
     g.add_argument("--log_every_steps", type=int, default=10, help="log train metrics every this many steps")
     g.add_argument("--log_pair_beta", action="store_true",
@@ -171,6 +214,8 @@ def get_args(argv=None) -> argparse.Namespace:
     if config:
         p.set_defaults(**read_config_file(p, config))
     args = p.parse_args(argv)
+    if args.resume_from == "latest":
+        args.resume_from = "auto"
     check_args(args, p)
     return args
 

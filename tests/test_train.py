@@ -342,3 +342,25 @@ def test_evaluate_wraps_a_model_that_needs_no_gradients(tiny_qwen2_dir, tmp_path
         any(p.requires_grad for x in m for p in x.parameters())) or real(self, *m, **k))
     evaluate.main(["--ckpt", str(tmp_path / "run" / "final")])
     assert seen == [False]
+
+
+def test_help_shows_defaults_and_trl_names_get_an_answer(capsys):
+    """--help shows each flag's default; TRL's DPOConfig names are answered with ours; 'latest' is 'auto'."""
+    with pytest.raises(SystemExit):
+        train.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for fragment in ("peak AdamW learning rate of the policy (default: 1e-06)", "(default: 512)",
+                     "(0 = only final) (default: 500)", "(default 1e-3; learnable only)"):
+        assert fragment in text, fragment
+    assert "(default: None)" not in text
+    with pytest.raises(SystemExit):
+        train.get_args(["--learning_rate", "1e-5", "--per_device_train_batch_size", "4", "--bf16"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unrecognized arguments: --learning_rate 1e-5 --per_device_train_batch_size 4 --bf16" in err
+    for hint in ("--learning_rate is TRL's; here use --policy_lr", "--per_device_train_batch_size is TRL's; here use "
+                 "--batch_size", "--bf16 is TRL's; here use --precision bf16"):
+        assert hint in err, hint
+    assert train.get_args(["--resume_from", "latest"]).resume_from == "auto"
+    assert set(train.TRL_FLAGS) >= {"--learning_rate", "--per_device_train_batch_size", "--num_train_epochs",
+                                    "--logging_steps", "--bf16", "--resume_from_checkpoint", "--warmup_steps",
+                                    "--max_completion_length", "--loss_type"}

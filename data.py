@@ -369,8 +369,8 @@ def build_examples(rows: list, tokenizer, max_length: int, max_prompt_length: in
     if not rows:
         raise DataError(f"{name}: the dataset is empty; check --dataset and --split")
     examples, skipped, events, first_bad = [], Counter(), Counter(), {}
-    markers = structure_tokens(tokenizer)
-    for i, row in enumerate(rows):
+    markers, numbers = structure_tokens(tokenizer), row_numbers(rows)
+    for i, row in zip(numbers, rows):  # i: the row's number in its source file
         try:
             prompt, c, r = normalize_row(row)
             check_plain_text(prompt, c, r, markers)
@@ -395,14 +395,36 @@ def build_examples(rows: list, tokenizer, max_length: int, max_prompt_length: in
     return examples, report
 
 
-def split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval) by a seeded shuffle; the split depends only on (len(rows), fraction, seed)."""
+class Rows(list):
+    """Rows of a dataset that remember each one's row number in its source file (or hub split), so
+    that a shuffled split, and any slice of it, still reports the rows a user can find in the file
+    (build_examples' "row", pair_beta.jsonl, eval.json's per_pair)."""
+
+    def __init__(self, rows: list, numbers: list[int]):
+        super().__init__(rows)
+        self.numbers = list(numbers)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return Rows(list.__getitem__(self, key), self.numbers[key])
+        return list.__getitem__(self, key)
+
+
+def row_numbers(rows: list) -> list[int]:
+    """Each row's number in its source: a Rows' own, else its position."""
+    return rows.numbers if isinstance(rows, Rows) else list(range(len(rows)))
+
+
+def split_eval(rows: list, fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """(train, eval) by a seeded shuffle; the split depends only on (len(rows), fraction, seed).
+    Both keep the source's row numbers."""
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
     n_eval = max(1, round(fraction * len(rows)))
     if n_eval >= len(rows):
         raise DataError(f"--eval_fraction {fraction} leaves no training rows out of {len(rows)}")
-    return [rows[i] for i in idx[n_eval:]], [rows[i] for i in idx[:n_eval]]
+    numbers = row_numbers(rows)
+    return tuple(Rows([rows[i] for i in part], [numbers[i] for i in part]) for part in (idx[n_eval:], idx[:n_eval]))
 
 
 def load_splits(source: str, split: str, eval_split: str | None, eval_fraction: float, seed: int,

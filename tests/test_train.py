@@ -364,3 +364,30 @@ def test_help_shows_defaults_and_trl_names_get_an_answer(capsys):
     assert set(train.TRL_FLAGS) >= {"--learning_rate", "--per_device_train_batch_size", "--num_train_epochs",
                                     "--logging_steps", "--bf16", "--resume_from_checkpoint", "--warmup_steps",
                                     "--max_completion_length", "--loss_type"}
+
+
+def test_logged_rows_are_the_data_files_rows(tiny_qwen2_dir, tmp_path):
+    """With the default held-out fraction, pair_beta.jsonl's and eval.json's row numbers are rows of
+    the user's file: each one's prompt text is that file row's, the trained ones are never held out."""
+    from transformers import AutoTokenizer
+    from data import split_eval
+    rows = [dict(prompt=f"Question number {i} about topic {i * 7}?", chosen=f"Good answer {i}.", rejected=f"Bad {i}.")
+            for i in range(24)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    train.main(["--model_name_or_path", tiny_qwen2_dir, "--dataset", str(path), "--output_dir", str(out),
+                "--batch_size", "2", "--max_length", "64", "--max_prompt_length", "40", "--max_steps", "3",
+                "--eval_every_steps", "0", "--precision", "fp32", "--log_pair_beta", "--eval_fraction", "0.25"])
+    held = set(split_eval(rows, 0.25, 0)[1].numbers)  # the held-out file rows, by the same rule
+    trained = {r for line in open(out / "pair_beta.jsonl") for r in json.loads(line)["row"]}
+    assert trained and not trained & held and trained <= set(range(24))
+    per_pair = json.load(open(out / "final" / "eval.json"))["per_pair"]
+    assert set(per_pair["row"]) == held
+    # the text behind a logged row number is that file row's prompt
+    from data import build_examples
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    train_rows, held_rows = split_eval(rows, 0.25, 0)
+    for part in (train_rows, held_rows):
+        for ex in build_examples(part, tok, 64, 40)[0]:
+            assert rows[ex["row"]]["prompt"] in tok.decode(ex["prompt_ids"])

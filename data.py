@@ -3,7 +3,9 @@ Preference data: reading, normalising, tokenising, batching.
 
 Row formats accepted (one dataset may not mix them):
   {"prompt", "chosen_response", "rejected_response"}   the design card's names
-  {"prompt", "chosen", "rejected"}                     strings, or lists of chat messages
+  {"prompt", "chosen", "rejected"}                     strings, or lists of chat messages; a string
+                                                       prompt beside whole conversations takes their
+                                                       shared history instead (as TRL does)
   {"chosen", "rejected"}                               implicit prompt: full dialogues (or message
                                                        lists) sharing a prefix, as in HH-RLHF
 Sources: a .json/.jsonl/.csv/.parquet file (optionally .gz), a directory written by
@@ -197,6 +199,10 @@ def normalize_row(row) -> tuple[str | list[dict], str, str]:
             prompt, c, r = _split_messages(chosen, rejected)
     else:
         prompt, c, r = values
+        if isinstance(prompt, str) and _is_messages(c) and _is_messages(r) and max(len(c), len(r)) > 1:
+            # a string prompt beside whole conversations: the conversations' shared history is the
+            # prompt, as TRL 1.16's maybe_extract_prompt decides (it then ignores the prompt column)
+            prompt, c, r = _split_messages(c, r)
         if _is_messages(c):  # conversational responses: the assistant's last message
             c = c[-1]["content"]
         if _is_messages(r):

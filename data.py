@@ -301,6 +301,22 @@ def response_text(response: str, prefill: str, think_prefill: str = "close") -> 
     return response
 
 
+def prompt_tokens(tokenizer, prompt, use_chat_template: bool = True,
+                  think_prefill: str = "close") -> tuple[list[int], str, str]:
+    """(token ids, prefill, end) of a prompt as the model sees it at inference: rendered with the
+    generation prompt (render_prompt's prefill and end of turn) or, without a template, the raw
+    text; never two BOS."""
+    if use_chat_template and tokenizer.chat_template is not None:
+        prompt_text, prefill, end = render_prompt(tokenizer, _as_messages(prompt), think_prefill)
+        ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # the text holds its BOS
+    else:
+        ids, prefill, end = tokenizer(_as_text(prompt))["input_ids"], "", ""
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]  # a template's BOS plus the tokenizer's
+    return ids, prefill, end
+
+
 def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, max_length: int, max_prompt_length: int,
                   use_chat_template: bool = True, think_prefill: str = "close") -> tuple[dict, list[str]]:
     """Token ids of one pair -> ({prompt_ids, chosen_ids, rejected_ids}, [events]).
@@ -311,18 +327,12 @@ def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, max_length: int
     response tokens only. events lists what truncation did.
     """
     eos = tokenizer.eos_token_id
+    prompt_ids, prefill, end = prompt_tokens(tokenizer, prompt, use_chat_template, think_prefill)
     if use_chat_template and tokenizer.chat_template is not None:
-        prompt_text, prefill, end = render_prompt(tokenizer, _as_messages(prompt), think_prefill)
         responses = [response_text(t, prefill, think_prefill) + end for t in (chosen, rejected)]
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # the text holds its BOS
     else:
-        prompt_text = _as_text(prompt)
-        prompt_ids = tokenizer(prompt_text)["input_ids"]
-        joined = prompt_text.endswith((" ", "\n"))  # else a space separates prompt and response
+        joined = _as_text(prompt).endswith((" ", "\n"))  # else a space separates prompt and response
         responses = [t if joined else " " + t.lstrip() for t in (chosen, rejected)]
-    bos = tokenizer.bos_token_id
-    if bos is not None and len(prompt_ids) > 1 and prompt_ids[0] == bos and prompt_ids[1] == bos:
-        prompt_ids = prompt_ids[1:]  # a template's BOS plus the tokenizer's
     resp_ids = []
     for text in responses:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -391,3 +391,42 @@ def test_logged_rows_are_the_data_files_rows(tiny_qwen2_dir, tmp_path):
     for part in (train_rows, held_rows):
         for ex in build_examples(part, tok, 64, 40)[0]:
             assert rows[ex["row"]]["prompt"] in tok.decode(ex["prompt_ids"])
+
+
+def test_beta_for_my_own_prompts(tiny_qwen2_dir, tmp_path):
+    """evaluate.py --prompts FILE: each prompt's beta, PPL, f(h) and token count, lowest beta first, as
+    JSONL and a table, with a histogram; beta and PPL are those get_dynamic_beta / compute_ppl give."""
+    from beta_head import ppl_scale
+    from model_loader import build_model, load_tokenizer, read_run_config
+    out = tmp_path / "run"
+    train.main(common(tiny_qwen2_dir, out, "--beta_mode", "learnable", "--max_steps", "2", "--max_eval_examples", "2",
+                      "--beta_head_lr", "1e-1"))
+    prompts = ["How do I tie a tie?", "Why is the sky blue? Explain it to a child in three sentences, please.", "Hi"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Name a colour."}]}) + "\n")
+    final = out / "final"
+    rows = evaluate.main(["--ckpt", str(final), "--prompts", str(tmp_path / "p.txt"), "--batch_size", "2"])
+    assert sorted(r["row"] for r in rows) == [0, 1, 2] and [r["beta"] for r in rows] == sorted(r["beta"] for r in rows)
+    logged = [json.loads(x) for x in open(final / "prompt_beta.jsonl")]
+    assert logged == rows and (final / "prompt_beta.png").stat().st_size > 0
+    table = open(final / "prompt_beta.md").read()
+    assert "| file row | beta | PPL | f(h) | prompt tokens |" in table and "How do I tie a tie?" in table
+    # the same numbers through the spec's methods on the prompt alone
+    cfg = read_run_config(str(final))
+    tok = load_tokenizer(str(final))
+    model = build_model(cfg, torch.device("cpu"), None, ckpt=str(final), training=False)
+    from data import prompt_tokens
+    for r in rows:
+        ids = torch.tensor([prompt_tokens(tok, prompts[r["row"]])[0]])
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            assert model.get_dynamic_beta(ids, mask).item() == pytest.approx(r["beta"], rel=1e-5)
+            ppl = model.compute_ppl(ids, mask)
+        assert ppl.item() == pytest.approx(r["ppl"], rel=1e-5) and r["prompt_tokens"] == ids.shape[1]
+        head = model.beta_head
+        assert r["f"] == pytest.approx(r["raw_beta"] / (head.w.item() * ppl_scale(ppl).item()), rel=1e-5)
+        assert 1 - head.epsilon - 1e-6 <= r["f"] <= 1 + head.epsilon + 1e-6
+    assert len(evaluate.main(["--ckpt", str(final), "--prompts", str(tmp_path / "p.jsonl")])) == 1  # chat messages
+    with pytest.raises(DataError, match="every row needs a 'prompt'"):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
+        evaluate.main(["--ckpt", str(final), "--prompts", str(tmp_path / "bad.jsonl")])

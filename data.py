@@ -130,9 +130,41 @@ def load_rows(source: str, split: str = "train", config: str | None = None,
         return ds.to_list()
     if source.startswith((".", "/", "~")) or source.endswith((".json", ".jsonl", ".csv", ".parquet", ".gz")):
         raise DataError(f"data path {source!r} does not exist")
-    import datasets  # a hub name: the only case that touches the network
-    ds = datasets.load_dataset(source, config, data_dir=data_dir, split=split)
+    check_hub("dataset", source)  # a hub name: the only case that touches the network
+    import datasets
+    try:
+        ds = datasets.load_dataset(source, config, data_dir=data_dir, split=split)
+    except Exception as e:  # noqa: BLE001 - hub, network and cache errors alike: one line, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"dataset {source!r} (split {split!r}): {type(e).__name__}: {first}; check the name, "
+                        "--dataset_config and --split, or pass a local file") from None
     return ds.to_list()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT, default huggingface.co) accepts a connection within
+    `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub(what: str, name: str) -> None:
+    """Before anything is fetched from the hub: with no connection, one line in seconds (the hub
+    libraries would retry for about a minute first). With HF_HUB_OFFLINE=1 the libraries read their
+    cache and nothing is checked."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    if not hub_reachable():
+        host = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        raise DataError(f"{what} {name!r} is not a local path and the hub ({host}) cannot be reached from this "
+                        "machine; pass a local file or directory, or set HF_HUB_OFFLINE=1 to use a copy already in the "
+                        "Hugging Face cache")
 
 
 # -----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, EpsilonDPO
-from data import DataError, collate, eval_batches
+from data import DataError, check_hub, collate, eval_batches
 
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 
@@ -53,10 +53,13 @@ EMBEDDED_MODELS = {
 
 
 def resolve(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """Map an offline model name to (directory, gguf file); other names pass through."""
+    """Map an offline model name to (directory, gguf file); other names pass through (a hub id only
+    when the hub can be reached, or HF_HUB_OFFLINE=1 says to use the cache: data.check_hub)."""
     if name_or_path not in EMBEDDED_MODELS:
         if name_or_path.startswith(("/", ".", "~")) and not os.path.exists(name_or_path):
             raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
+        if not os.path.exists(name_or_path):
+            check_hub("model", name_or_path)
         return name_or_path, gguf_file
     package, filename, install = EMBEDDED_MODELS[name_or_path]
     spec = importlib.util.find_spec(package)

@@ -534,8 +534,9 @@ def setup_run_dir(args, accelerator: Accelerator) -> str | None:
     if args.resume_from == "auto" and resume is None and is_complete(os.path.join(run_dir, "final")):
         raise DataError(f"{run_dir} has finished (final/ is complete) and kept no checkpoint to continue from; "
                         "start a new run (--keep_checkpoints keeps the last state of a run to train on)")
-    if (os.path.exists(os.path.join(run_dir, "config.json")) and resume is None
-            and args.resume_from is None and not args.overwrite_output_dir):
+    started = any(os.path.exists(os.path.join(run_dir, x)) for x in ("metrics.jsonl", "checkpoints", "final"))
+    if started and resume is None and args.resume_from is None and not args.overwrite_output_dir:  # a failed start
+        # (bad data, no network) leaves only config.json and data_report.json: rerunning it is not refused
         raise DataError(f"{run_dir} already holds a run; pass --resume_from auto to continue it, "
                         "--overwrite_output_dir to replace it, or another --run_name")
     accelerator.wait_for_everyone()  # every process checks before the main one writes

@@ -562,10 +562,22 @@ def model_card(config: dict, metrics: dict[str, float], data_report: dict, comma
                                                                                                   config["beta_mode"])
     keys = ("loss", "loss_beta0", "rewards/accuracies", "rewards_beta0/margins", "beta/mean", "beta/std", "pairs")
     rows = "\n".join(f"| {k} | {metrics[k]:.4g} |" for k in keys if k in metrics)
-    lora = " (LoRA adapters: load with peft's PeftModel.from_pretrained on the base model)" if config.get("lora_r") else ""
+    base = config["model_name_or_path"]
+    lora = " (LoRA adapters)" if config.get("lora_r") else ""
+    if config.get("lora_r"):
+        load = ("LoRA adapters on the base model: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
+                "\"<this directory>\")` (needs `pip install peft`; without it transformers cannot read this directory)"
+                + ("; `merged/` holds the policy with its adapters merged, a plain model for "
+                   "`AutoModelForCausalLM.from_pretrained(\"<this directory>/merged\")`" if config.get("merge_lora") else
+                   "; `--merge_lora` writes a merged plain model to `merged/`"))
+    else:
+        load = "`AutoModelForCausalLM.from_pretrained(\"<this directory>\")`"
+    segments = "".join(f"\n- from step {h['from_step']}: `{h['command']}`" + (f" (changed: {h['changed']})" if h["changed"] else "")
+                       for h in config.get("history") or [])
+    history = f"\n\nIt was trained in segments, each resumed from the last one's checkpoint:{segments}" if segments else ""
+    local = os.path.isabs(base) or os.path.exists(base)  # a local path says nothing on the hub
     return f"""---
-base_model: {config['model_name_or_path']}
-library_name: transformers
+{'' if local else f'base_model: {base}{chr(10)}'}library_name: {'peft' if config.get('lora_r') else 'transformers'}
 tags:
 - dpo
 - learnable-beta-dpo
@@ -590,11 +602,11 @@ the fixed beta0 = {config['beta']}, so runs with different beta modes compare.
 
 ```bash
 {command}
-```
+```{history}
 
-`run_config.json` holds every flag, `eval.json` the per-pair evaluation; the BetaHead (learnable beta)
-is in `beta_head.safetensors`. Load the policy with
-`AutoModelForCausalLM.from_pretrained("<this directory>")`.
+`run_config.json` holds every flag (and, for a resumed run, each segment's changes under `history`),
+`eval.json` the per-pair evaluation; the BetaHead (learnable beta) is in `beta_head.safetensors`.
+Load the policy: {load}.
 """
 
 

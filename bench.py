@@ -270,7 +270,8 @@ def worker(args) -> dict:
                 with autocast():
                     b["reference_logps"] = (seed_reference_logps(reference, b) if kind == "seed" else model.reference_logps(
                         b["input_ids"], b["attention_mask"], b["loss_mask"],
-                        model.pair_layout(b["input_ids"], b["attention_mask"], b["prompt_mask"])))
+                        model.pair_layout(b["input_ids"], b["attention_mask"], b["prompt_mask"], b["pack_plan"],
+                                          b["pack_unpack"])))
             model.drop_reference()
             reference = None
         params = [p for p in model.parameters() if p.requires_grad]

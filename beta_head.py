@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import collate, eval_batches
+from data import collate, eval_batches, plan_packing
 
 
 # -----------------------------------------------------------------------------
@@ -80,12 +80,15 @@ class _LMHeadLogps(torch.autograd.Function):
         grad_w = torch.empty(V, H, dtype=ctx.weight_dtype, device=device) if ctx.needs_input_grad[1] else None
         grad_b = torch.empty(V, dtype=ctx.weight_dtype, device=device) if b is not None and ctx.needs_input_grad[2] else None
         vc = max(1, logits_budget(device) // (4 * max(N, 1)))
-        rows = torch.arange(N, device=device)
         for j in range(0, V, vc):
             logits = F.linear(hd, w[j:j + vc], None if b is None else b[j:j + vc])  # (N, vc)
             grad_logits = (logits.float() - lse[:, None]).exp_().mul_(-g)
-            hit = (targets >= j) & (targets < j + vc)  # the target's own column gets + g
-            grad_logits[rows[hit], targets[hit] - j] += grad_out[hit]
+            # the target's own column gets + g: a scatter of g where the target is in this slice and
+            # of 0 elsewhere (no boolean indexing, so no device sync per slice)
+            local = targets - j
+            inside = (local >= 0) & (local < grad_logits.shape[1])
+            grad_logits.scatter_add_(1, local.clamp(0, grad_logits.shape[1] - 1)[:, None],
+                                     torch.where(inside, grad_out, 0.0)[:, None].to(grad_logits.dtype))
             grad_logits = grad_logits.to(dtype)
             if grad_h is not None:
                 grad_h += grad_logits @ w[j:j + vc]
@@ -465,12 +468,13 @@ class DynamicBetaDPOModel(nn.Module):
 
     # --- training / evaluation -----------------------------------------------------------------
 
-    def pair_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    prompt_mask: torch.Tensor) -> dict | None:
+    def pair_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor,
+                    pack_plan: torch.Tensor | None = None, pack_unpack: torch.Tensor | None = None) -> dict | None:
         """pack_pairs' layout of a pair batch (2B, T) when prompts are shared: share_prompt is on
-        and the policy (so its reference, the same architecture) takes the custom mask; else None."""
+        and the policy (so its reference, the same architecture) takes the custom mask; else None.
+        pack_plan, pack_unpack: collate's plan of it (data.plan_packing), when the batch has one."""
         if self.share_prompt and can_pack(self.policy_model):
-            return pack_pairs(input_ids, attention_mask, prompt_mask)
+            return pack_pairs(input_ids, attention_mask, prompt_mask, pack_plan, pack_unpack)
         return None
 
     @torch.no_grad()
@@ -494,16 +498,18 @@ class DynamicBetaDPOModel(nn.Module):
             raise ValueError("no reference: pass reference_model, a LoRA policy, or reference_logps")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                prompt_mask: torch.Tensor, reference_logps: torch.Tensor | None = None):
+                prompt_mask: torch.Tensor, reference_logps: torch.Tensor | None = None,
+                pack_plan: torch.Tensor | None = None, pack_unpack: torch.Tensor | None = None):
         """One DPO step's loss. All inputs (2B, T): rows [:B] are chosen, rows [B:] rejected.
 
         loss_mask selects response tokens, prompt_mask the prompt tokens (the same tokens in both
         halves, at the same positions under right padding). PPL and h come from the chosen half.
         reference_logps (2B,), when given (a precomputed cache), replaces the reference forward.
+        pack_plan, pack_unpack: collate's plan of the shared-prompt layout (see pair_layout).
         Returns (loss, stats) where stats holds detached (B,) tensors for summarize().
         """
         B = input_ids.shape[0] // 2
-        pack = self.pair_layout(input_ids, attention_mask, prompt_mask)  # one layout for policy and reference
+        pack = self.pair_layout(input_ids, attention_mask, prompt_mask, pack_plan, pack_unpack)  # policy and reference
         hidden = run_model(self.policy_model, input_ids, attention_mask, pack)
         response = loss_mask[:, 1:].bool()
         prompt = (prompt_mask[:, 1:] * prompt_mask[:, :-1]).bool()
@@ -612,67 +618,31 @@ def can_pack(model: nn.Module) -> bool:
             and "sliding_attention" not in (getattr(config, "layer_types", None) or []))
 
 
-def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor) -> dict:
-    """The shared-prompt layout of a pair batch. input_ids, attention_mask, prompt_mask (2B, T),
-    rows [:B] prompt+chosen and [B:] prompt+rejected with equal prompts.
+def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mask: torch.Tensor,
+               plan: torch.Tensor | None = None, unpack: torch.Tensor | None = None) -> dict:
+    """The shared-prompt layout of a pair batch (2B, T), rows [:B] prompt+chosen and [B:]
+    prompt+rejected with equal prompts, for run_model.
 
-    Each pair becomes one unit [prompt | chosen | rejected] with positions 0..p-1, p..p+c-1,
-    p..p+r-1 and a mask in which every token sees the earlier tokens of its unit except that
-    rejected never sees chosen: each response attends to exactly the context it has in the padded
-    layout, so the forward is the same function computed once per prompt instead of twice, and
-    gradients through the prompt sum over both responses as they would. Units go into rows of
-    the longest unit's length, first-fit decreasing; the few leftover positions are padding that
-    attends only to itself. Returns input_ids, position_ids (R, L), attention_mask (R, 1, L, L),
-    bool, True = may attend, and unpack (2B*T,): each padded position's index in the flattened
-    (R*L) layout (padding positions point anywhere).
+    Each pair becomes one unit [prompt | chosen | rejected] (data.plan_packing) and a mask in which
+    every token sees the earlier tokens of its unit except that rejected never sees chosen: each
+    response attends to exactly the context it has in the padded layout, so the forward is the same
+    function computed once per prompt instead of twice, and gradients through the prompt sum over
+    both responses as they would. Padding slots attend only to themselves.
+    plan, unpack: data.plan_packing's index tensors, already on the batch's device (collate makes
+    them on the CPU): then nothing here copies to the host or waits on the device. Without them
+    they are computed from the batch (a copy to the CPU). Returns input_ids, position_ids (R, L),
+    attention_mask (R, 1, L, L), bool, True = may attend, formed on the device, and unpack (2B*T,).
     """
-    N, T = input_ids.shape
-    B, device = N // 2, input_ids.device
-    am, pm = attention_mask.bool().cpu(), (prompt_mask.bool() & attention_mask.bool()).cpu()
-    ids = input_ids.cpu()
-    units = []  # per pair: its tokens' flat positions in the padded batch, position ids, part (0 prompt,
-    #             1 chosen, 2 rejected), and the rejected row's prompt positions, which read the shared prompt
-    for i in range(B):
-        p, pr = pm[i].nonzero().squeeze(1), pm[B + i].nonzero().squeeze(1)
-        if not torch.equal(ids[i, p], ids[B + i, pr]):
-            raise ValueError(f"pair {i}: the chosen and rejected rows have different prompts; "
-                             "pack_pairs needs the pair layout of data.collate")
-        c, r = (am[i] & ~pm[i]).nonzero().squeeze(1), (am[B + i] & ~pm[B + i]).nonzero().squeeze(1)
-        n_p = len(p)
-        units.append(dict(src=torch.cat([i * T + p, i * T + c, (B + i) * T + r]),
-                          pos=torch.cat([torch.arange(n_p), n_p + torch.arange(len(c)), n_p + torch.arange(len(r))]),
-                          part=torch.cat([torch.zeros(n_p), torch.ones(len(c)), torch.full((len(r),), 2.0)]),
-                          alias=(B + i) * T + pr))
-    L = max(len(u["src"]) for u in units)
-    rows, used = [], []  # the units in each row, and the row's filled length
-    for k in sorted(range(B), key=lambda k: -len(units[k]["src"])):  # first-fit decreasing
-        n = len(units[k]["src"])
-        j = next((j for j in range(len(rows)) if used[j] + n <= L), len(rows))
-        if j == len(rows):
-            rows.append([])
-            used.append(0)
-        rows[j].append(k)
-        used[j] += n
-    R = len(rows)
-    src = torch.zeros(R * L, dtype=torch.long)        # padded-batch position feeding each packed slot
-    pos = torch.zeros(R * L, dtype=torch.long)
-    part = torch.zeros(R * L)
-    unit = -1 - torch.arange(R * L)                   # padding: a unit of its own per slot
-    unpack = torch.zeros(N * T, dtype=torch.long)
-    for j, members in enumerate(rows):
-        start = j * L
-        for k in members:
-            u, n = units[k], len(units[k]["src"])
-            sl = slice(start, start + n)
-            src[sl], pos[sl], part[sl], unit[sl] = u["src"], u["pos"], u["part"], k
-            unpack[u["src"]] = torch.arange(start, start + n)
-            unpack[u["alias"]] = unpack[u["src"][:len(u["alias"])]]
-            start += n
-    q, kv = unit.view(R, L, 1), unit.view(R, 1, L)
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    mask = (q == kv) & causal & ~((part.view(R, L, 1) == 2) & (part.view(R, 1, L) == 1))
-    return dict(input_ids=input_ids.flatten()[src.to(device)].view(R, L), position_ids=pos.view(R, L).to(device),
-                attention_mask=mask.unsqueeze(1).to(device), unpack=unpack.to(device))
+    device = input_ids.device
+    if plan is None:
+        plan, unpack = plan_packing(input_ids, attention_mask, prompt_mask)
+        plan, unpack = plan.to(device), unpack.to(device)
+    src, pos, part, unit = plan
+    L = src.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    mask = ((unit[:, :, None] == unit[:, None, :]) & causal
+            & ~((part[:, :, None] == 2) & (part[:, None, :] == 1)))
+    return dict(input_ids=input_ids.flatten()[src], position_ids=pos, attention_mask=mask.unsqueeze(1), unpack=unpack)
 
 
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -3,7 +3,9 @@ Preference data: reading, normalising, tokenising, batching.
 
 Row formats accepted (one dataset may not mix them):
   {"prompt", "chosen_response", "rejected_response"}   the design card's names
-  {"prompt", "chosen", "rejected"}                     strings, or lists of chat messages
+  {"prompt", "chosen", "rejected"}                     strings, or lists of chat messages; a string
+                                                       prompt beside whole conversations takes their
+                                                       shared history instead (as TRL does)
   {"chosen", "rejected"}                               implicit prompt: full dialogues (or message
                                                        lists) sharing a prefix, as in HH-RLHF
 Sources: a .json/.jsonl/.csv/.parquet file (optionally .gz), a directory written by
@@ -128,9 +130,41 @@ def load_rows(source: str, split: str = "train", config: str | None = None,
         return ds.to_list()
     if source.startswith((".", "/", "~")) or source.endswith((".json", ".jsonl", ".csv", ".parquet", ".gz")):
         raise DataError(f"data path {source!r} does not exist")
-    import datasets  # a hub name: the only case that touches the network
-    ds = datasets.load_dataset(source, config, data_dir=data_dir, split=split)
+    check_hub("dataset", source)  # a hub name: the only case that touches the network
+    import datasets
+    try:
+        ds = datasets.load_dataset(source, config, data_dir=data_dir, split=split)
+    except Exception as e:  # noqa: BLE001 - hub, network and cache errors alike: one line, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"dataset {source!r} (split {split!r}): {type(e).__name__}: {first}; check the name, "
+                        "--dataset_config and --split, or pass a local file") from None
     return ds.to_list()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT, default huggingface.co) accepts a connection within
+    `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub(what: str, name: str) -> None:
+    """Before anything is fetched from the hub: with no connection, one line in seconds (the hub
+    libraries would retry for about a minute first). With HF_HUB_OFFLINE=1 the libraries read their
+    cache and nothing is checked."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    if not hub_reachable():
+        host = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        raise DataError(f"{what} {name!r} is not a local path and the hub ({host}) cannot be reached from this "
+                        "machine; pass a local file or directory, or set HF_HUB_OFFLINE=1 to use a copy already in the "
+                        "Hugging Face cache")
 
 
 # -----------------------------------------------------------------------------
@@ -197,6 +231,10 @@ def normalize_row(row) -> tuple[str | list[dict], str, str]:
             prompt, c, r = _split_messages(chosen, rejected)
     else:
         prompt, c, r = values
+        if isinstance(prompt, str) and _is_messages(c) and _is_messages(r) and max(len(c), len(r)) > 1:
+            # a string prompt beside whole conversations: the conversations' shared history is the
+            # prompt, as TRL 1.16's maybe_extract_prompt decides (it then ignores the prompt column)
+            prompt, c, r = _split_messages(c, r)
         if _is_messages(c):  # conversational responses: the assistant's last message
             c = c[-1]["content"]
         if _is_messages(r):
@@ -295,6 +333,22 @@ def response_text(response: str, prefill: str, think_prefill: str = "close") -> 
     return response
 
 
+def prompt_tokens(tokenizer, prompt, use_chat_template: bool = True,
+                  think_prefill: str = "close") -> tuple[list[int], str, str]:
+    """(token ids, prefill, end) of a prompt as the model sees it at inference: rendered with the
+    generation prompt (render_prompt's prefill and end of turn) or, without a template, the raw
+    text; never two BOS."""
+    if use_chat_template and tokenizer.chat_template is not None:
+        prompt_text, prefill, end = render_prompt(tokenizer, _as_messages(prompt), think_prefill)
+        ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # the text holds its BOS
+    else:
+        ids, prefill, end = tokenizer(_as_text(prompt))["input_ids"], "", ""
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]  # a template's BOS plus the tokenizer's
+    return ids, prefill, end
+
+
 def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, max_length: int, max_prompt_length: int,
                   use_chat_template: bool = True, think_prefill: str = "close") -> tuple[dict, list[str]]:
     """Token ids of one pair -> ({prompt_ids, chosen_ids, rejected_ids}, [events]).
@@ -305,18 +359,12 @@ def tokenize_pair(tokenizer, prompt, chosen: str, rejected: str, max_length: int
     response tokens only. events lists what truncation did.
     """
     eos = tokenizer.eos_token_id
+    prompt_ids, prefill, end = prompt_tokens(tokenizer, prompt, use_chat_template, think_prefill)
     if use_chat_template and tokenizer.chat_template is not None:
-        prompt_text, prefill, end = render_prompt(tokenizer, _as_messages(prompt), think_prefill)
         responses = [response_text(t, prefill, think_prefill) + end for t in (chosen, rejected)]
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]  # the text holds its BOS
     else:
-        prompt_text = _as_text(prompt)
-        prompt_ids = tokenizer(prompt_text)["input_ids"]
-        joined = prompt_text.endswith((" ", "\n"))  # else a space separates prompt and response
+        joined = _as_text(prompt).endswith((" ", "\n"))  # else a space separates prompt and response
         responses = [t if joined else " " + t.lstrip() for t in (chosen, rejected)]
-    bos = tokenizer.bos_token_id
-    if bos is not None and len(prompt_ids) > 1 and prompt_ids[0] == bos and prompt_ids[1] == bos:
-        prompt_ids = prompt_ids[1:]  # a template's BOS plus the tokenizer's
     resp_ids = []
     for text in responses:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -369,8 +417,8 @@ def build_examples(rows: list, tokenizer, max_length: int, max_prompt_length: in
     if not rows:
         raise DataError(f"{name}: the dataset is empty; check --dataset and --split")
     examples, skipped, events, first_bad = [], Counter(), Counter(), {}
-    markers = structure_tokens(tokenizer)
-    for i, row in enumerate(rows):
+    markers, numbers = structure_tokens(tokenizer), row_numbers(rows)
+    for i, row in zip(numbers, rows):  # i: the row's number in its source file
         try:
             prompt, c, r = normalize_row(row)
             check_plain_text(prompt, c, r, markers)
@@ -395,14 +443,36 @@ def build_examples(rows: list, tokenizer, max_length: int, max_prompt_length: in
     return examples, report
 
 
-def split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval) by a seeded shuffle; the split depends only on (len(rows), fraction, seed)."""
+class Rows(list):
+    """Rows of a dataset that remember each one's row number in its source file (or hub split), so
+    that a shuffled split, and any slice of it, still reports the rows a user can find in the file
+    (build_examples' "row", pair_beta.jsonl, eval.json's per_pair)."""
+
+    def __init__(self, rows: list, numbers: list[int]):
+        super().__init__(rows)
+        self.numbers = list(numbers)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return Rows(list.__getitem__(self, key), self.numbers[key])
+        return list.__getitem__(self, key)
+
+
+def row_numbers(rows: list) -> list[int]:
+    """Each row's number in its source: a Rows' own, else its position."""
+    return rows.numbers if isinstance(rows, Rows) else list(range(len(rows)))
+
+
+def split_eval(rows: list, fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """(train, eval) by a seeded shuffle; the split depends only on (len(rows), fraction, seed).
+    Both keep the source's row numbers."""
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
     n_eval = max(1, round(fraction * len(rows)))
     if n_eval >= len(rows):
         raise DataError(f"--eval_fraction {fraction} leaves no training rows out of {len(rows)}")
-    return [rows[i] for i in idx[n_eval:]], [rows[i] for i in idx[:n_eval]]
+    numbers = row_numbers(rows)
+    return tuple(Rows([rows[i] for i in part], [numbers[i] for i in part]) for part in (idx[n_eval:], idx[:n_eval]))
 
 
 def load_splits(source: str, split: str, eval_split: str | None, eval_fraction: float, seed: int,
@@ -442,7 +512,69 @@ def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right"
     if "reference_chosen_logps" in examples[0]:  # a precomputed reference cache
         batch["reference_logps"] = torch.tensor([e["reference_chosen_logps"] for e in examples] +
                                                 [e["reference_rejected_logps"] for e in examples])
+    batch["pack_plan"], batch["pack_unpack"] = plan_packing(batch["input_ids"], batch["attention_mask"],
+                                                            batch["prompt_mask"])
     return batch
+
+
+def plan_packing(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared-prompt layout of a pair batch as small index tensors, computed here on the CPU
+    (collate calls it before the batch moves to a GPU, so the forward never waits on a copy back).
+    input_ids, attention_mask, prompt_mask (2B, T), rows [:B] prompt+chosen and [B:] prompt+rejected
+    with equal prompts.
+
+    Each pair becomes one unit [prompt | chosen | rejected] with positions 0..p-1, p..p+c-1,
+    p..p+r-1; units go into rows of the longest unit's length, first-fit decreasing, the leftover
+    positions padding. Returns plan (4, R, L) long: for each packed slot the padded batch's flat
+    position feeding it, its position id, its part (0 prompt, 1 chosen, 2 rejected) and its unit
+    (padding: a negative unit of its own per slot); and unpack (2B*T,): each padded position's slot
+    in the flattened (R*L) layout (the rejected row's prompt positions read the shared prompt's
+    slots; padding positions point anywhere). beta_head.pack_pairs turns it into the forward's
+    inputs and attention mask on the device.
+    """
+    N, T = input_ids.shape
+    B = N // 2
+    am, pm = attention_mask.bool().cpu(), (prompt_mask.bool() & attention_mask.bool()).cpu()
+    ids = input_ids.cpu()
+    units = []  # per pair: its tokens' flat positions in the padded batch, position ids, part, and the
+    #             rejected row's prompt positions, which read the shared prompt
+    for i in range(B):
+        p, pr = pm[i].nonzero().squeeze(1), pm[B + i].nonzero().squeeze(1)
+        if not torch.equal(ids[i, p], ids[B + i, pr]):
+            raise ValueError(f"pair {i}: the chosen and rejected rows have different prompts; "
+                             "pack_pairs needs the pair layout of data.collate")
+        c, r = (am[i] & ~pm[i]).nonzero().squeeze(1), (am[B + i] & ~pm[B + i]).nonzero().squeeze(1)
+        n_p = len(p)
+        units.append(dict(src=torch.cat([i * T + p, i * T + c, (B + i) * T + r]),
+                          pos=torch.cat([torch.arange(n_p), n_p + torch.arange(len(c)), n_p + torch.arange(len(r))]),
+                          part=torch.cat([torch.zeros(n_p, dtype=torch.long), torch.ones(len(c), dtype=torch.long),
+                                          torch.full((len(r),), 2)]),
+                          alias=(B + i) * T + pr))
+    L = max(len(u["src"]) for u in units)
+    rows, used = [], []  # the units in each row, and the row's filled length
+    for k in sorted(range(B), key=lambda k: -len(units[k]["src"])):  # first-fit decreasing
+        n = len(units[k]["src"])
+        j = next((j for j in range(len(rows)) if used[j] + n <= L), len(rows))
+        if j == len(rows):
+            rows.append([])
+            used.append(0)
+        rows[j].append(k)
+        used[j] += n
+    R = len(rows)
+    plan = torch.zeros(4, R * L, dtype=torch.long)  # src, pos, part, unit
+    plan[3] = -1 - torch.arange(R * L)               # padding: a unit of its own per slot
+    unpack = torch.zeros(N * T, dtype=torch.long)
+    for j, members in enumerate(rows):
+        start = j * L
+        for k in members:
+            u, n = units[k], len(units[k]["src"])
+            sl = slice(start, start + n)
+            plan[0, sl], plan[1, sl], plan[2, sl], plan[3, sl] = u["src"], u["pos"], u["part"], k
+            unpack[u["src"]] = torch.arange(start, start + n)
+            unpack[u["alias"]] = unpack[u["src"][:len(u["alias"])]]
+            start += n
+    return plan.view(4, R, L), unpack
 
 
 class PairBatchSampler(torch.utils.data.Sampler):

@@ -16,6 +16,13 @@ By default the data are the run's own held-out split, rebuilt from its run_confi
 
 also writes samples.md and samples.jsonl: the policy's and the reference's (the starting model's)
 responses to the first 8 held-out prompts, greedy, with each pair's beta and margin.
+
+    python evaluate.py --ckpt runs/demo/final --prompts my_prompts.jsonl
+
+scores your own prompts instead (a .txt file of one prompt per line, or .json/.jsonl/.csv/.parquet
+rows with a `prompt`, a string or chat messages): each prompt's beta, PPL, f(h) and token count,
+sorted from the least trusted (lowest beta), in prompt_beta.md and prompt_beta.jsonl, with a
+histogram in prompt_beta.png, all in the checkpoint directory.
 """
 
 import argparse
@@ -24,8 +31,8 @@ import sys
 
 import torch
 
-from beta_head import eval_metrics, run_eval
-from data import DataError, build_examples, load_rows, load_splits
+from beta_head import eval_metrics, ppl_scale, run_eval
+from data import BadRow, DataError, build_examples, check_plain_text, load_rows, load_splits, prompt_tokens, structure_tokens
 from model_loader import (add_reference_cache, autocast_dtype, build_model, check_checkpoint, load_tokenizer,
                           make_accelerator, nonfinite_tensors, read_run_config, write_eval, write_samples)
 
@@ -52,6 +59,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="samples: 0 = greedy, else sample at this temperature")
     p.add_argument("--top_p", type=float, default=1.0, help="samples: nucleus sampling's probability mass (temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="samples: seed of the sampling (temperature > 0)")
+    p.add_argument("--prompts", default=None,
+                   help="score these prompts' beta instead of evaluating pairs: a .txt file (one prompt per line) or "
+                        "rows with a 'prompt' (.json/.jsonl/.csv/.parquet); writes prompt_beta.md/.jsonl/.png")
     p.add_argument("--allow_nonfinite", action="store_true",
                    help="evaluate a checkpoint whose weights hold NaN or inf anyway (refused by default: such numbers "
                         "are not a result); eval.json then records nonfinite_tensors")
@@ -90,17 +100,27 @@ def main(argv=None):
         precision = "bf16" if torch.cuda.is_available() else "fp32"
     accelerator = make_accelerator(precision)
     tokenizer = load_tokenizer(args.ckpt)
-    examples, report = eval_examples(args, cfg, tokenizer)
+    if args.prompts and cfg["beta_mode"] in ("beta_dpo", "epsilon_dpo"):
+        raise DataError(f"--prompts: a {cfg['beta_mode']} run sets beta from pairs of responses, not from a prompt "
+                        "alone; learnable runs (and fixed ones, beta0 everywhere) have a beta per prompt")
+    prompts = read_prompts(args.prompts, tokenizer, cfg) if args.prompts else None
+    examples, report = eval_examples(args, cfg, tokenizer) if prompts is None else (None, None)
     model = build_model(cfg, accelerator.device, autocast_dtype(accelerator), ckpt=args.ckpt, training=False)
     bad, n_tensors = nonfinite_tensors(model)
     if bad and not args.allow_nonfinite:
         raise DataError(f"--ckpt {args.ckpt}: {len(bad)} of {n_tensors} weight tensors hold NaN or inf (first: {bad[0]}): "
                         "its numbers would not be a result; evaluate an earlier checkpoint, or pass --allow_nonfinite")
+    if prompts is not None:
+        model.drop_reference()  # beta needs the policy alone
+        rows = prompt_betas(model.requires_grad_(False), prompts, args.batch_size, tokenizer.pad_token_id, accelerator)
+        write_prompt_betas(args.ckpt, rows, cfg)
+        return rows
     if cfg.get("precompute_ref"):  # the run's reference cache covers its held-out split: reuse it
         add_reference_cache(model, examples, cfg["ref_cache_dir"], args.batch_size, accelerator,
                             tokenizer.pad_token_id, cfg["model_name_or_path"], cfg["gguf_file"])
         model.drop_reference()
     head = model.beta_head
+    model.requires_grad_(False)  # evaluation: no gradient buffers in a multi-GPU (DDP) wrapper
     model = accelerator.prepare(model)
 
     stats = run_eval(model, examples, args.batch_size, accelerator, tokenizer.pad_token_id, progress=True)
@@ -116,6 +136,83 @@ def main(argv=None):
                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                           name="samples" if args.out_name == "eval" else args.out_name + "_samples")
     return metrics
+
+
+def read_prompts(path: str, tokenizer, cfg: dict) -> list[dict]:
+    """Prompts from a .txt file (one per line) or rows with a 'prompt', tokenised as the run
+    tokenised its own (chat template, think prefill; cut to its last max_prompt_length tokens)
+    -> [{row, prompt, ids, truncated}]."""
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            texts = [(i, line.rstrip("\n")) for i, line in enumerate(f) if line.strip()]
+    else:
+        texts = [(i, r.get("prompt") if isinstance(r, dict) else None) for i, r in enumerate(load_rows(path))]
+        if any(t is None for _, t in texts):
+            raise DataError(f"--prompts {path}: every row needs a 'prompt' (a string or chat messages); row "
+                            f"{next(i for i, t in texts if t is None)} has none")
+    if not texts:
+        raise DataError(f"--prompts {path}: no prompts in it")
+    markers, out = structure_tokens(tokenizer), []
+    for i, prompt in texts:
+        try:
+            check_plain_text(prompt, "", "", markers)
+        except BadRow as e:
+            raise DataError(f"--prompts {path} row {i}: {e}") from None
+        ids = prompt_tokens(tokenizer, prompt, not cfg["no_chat_template"], cfg["think_prefill"])[0]
+        keep = cfg["max_prompt_length"]
+        out.append(dict(row=i, prompt=prompt, ids=ids[-keep:], truncated=len(ids) > keep))
+    return out
+
+
+@torch.no_grad()
+def prompt_betas(model, prompts: list[dict], batch_size: int, pad_token_id: int, accelerator) -> list[dict]:
+    """Each prompt's beta (clamped as in training), its raw beta, the policy's PPL of it and f(h) =
+    raw beta / (w * PPL term) (1 for a beta mode without a BetaHead), from one forward of the prompt
+    alone (DynamicBetaDPOModel's compute_ppl / get_dynamic_beta path)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        T = max(len(p["ids"]) for p in chunk)
+        ids = torch.tensor([p["ids"] + [pad_token_id] * (T - len(p["ids"])) for p in chunk], device=accelerator.device)
+        mask = torch.tensor([[1] * len(p["ids"]) + [0] * (T - len(p["ids"])) for p in chunk], device=accelerator.device)
+        with accelerator.autocast():
+            ppl, h = model._prompt_stats(ids, mask)
+            beta, raw = model.beta_from(ppl, h)
+        head = model.beta_head
+        f = raw / (head.w * ppl_scale(ppl, head.ppl_transform)) if head is not None else torch.ones_like(raw)
+        for p, b, r, q, x in zip(chunk, beta.tolist(), raw.tolist(), ppl.float().tolist(), f.tolist()):
+            text = p["prompt"] if isinstance(p["prompt"], str) else p["prompt"][-1]["content"]
+            out.append(dict(row=p["row"], beta=b, raw_beta=r, ppl=q, f=x, prompt_tokens=len(p["ids"]),
+                            truncated=p["truncated"], prompt=text))
+    return sorted(out, key=lambda r: (r["beta"], r["row"]))
+
+
+def write_prompt_betas(ckpt: str, rows: list[dict], cfg: dict) -> None:
+    """prompt_beta.jsonl (one row per prompt, lowest beta first), prompt_beta.md (the same as a table)
+    and prompt_beta.png (beta's histogram) in the checkpoint directory."""
+    import json
+    with open(os.path.join(ckpt, "prompt_beta.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    short = lambda t: " ".join(t.split())[:80].replace("|", "\\|")  # noqa: E731
+    lines = [f"# beta of {len(rows)} prompts (beta_mode={cfg['beta_mode']}, beta0={cfg['beta']}), lowest first\n",
+             "| file row | beta | PPL | f(h) | prompt tokens | prompt (last turn, start) |", "| ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['row']} | {r['beta']:.4g} | {r['ppl']:.4g} | {r['f']:.4f} | {r['prompt_tokens']}"
+              f"{' (cut)' if r['truncated'] else ''} | {short(r['prompt'])} |" for r in rows]
+    with open(os.path.join(ckpt, "prompt_beta.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist([r["beta"] for r in rows], bins=min(40, max(5, len(rows) // 3)))
+    ax.axvline(cfg["beta"], color="k", ls="--", label=f"beta0 = {cfg['beta']}")
+    ax.set(xlabel="beta", ylabel="prompts", title=f"beta of {len(rows)} prompts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(ckpt, "prompt_beta.png"), dpi=110)
+    plt.close(fig)
+    print("\n".join(lines[:13]) + (f"\n... ({len(rows) - 10} more)" if len(rows) > 10 else ""))
+    print(f"wrote {ckpt}/prompt_beta.md, prompt_beta.jsonl and prompt_beta.png")
 
 
 if __name__ == "__main__":

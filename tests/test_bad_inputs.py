@@ -274,3 +274,24 @@ def test_cli_prints_the_message_not_a_traceback(tmp_path):
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     assert "error:" in res.stderr and "d.jsonl:7: invalid JSON" in res.stderr
+
+
+def test_hub_ids_with_no_network_fail_in_one_line_in_seconds_and_leave_no_blocking_run(tmp_path, monkeypatch):
+    """A hub dataset or model with the hub unreachable (HF_ENDPOINT at a closed local port, so the
+    test never depends on this machine's network): one line naming HF_HUB_OFFLINE, in seconds, not
+    after a minute of retries; the identical rerun gets the same answer, not 'already holds a run'."""
+    import time
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9")
+    env.pop("HF_HUB_OFFLINE", None)
+    for flags in (["--dataset", "Anthropic/hh-rlhf"], ["--model_name_or_path", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+                                                       "--dataset", "demo"]):
+        for attempt in range(2):  # the same command twice: a failed start leaves nothing that refuses it
+            start = time.time()
+            res = subprocess.run([sys.executable, "train.py", *flags, "--output_dir", str(tmp_path / "run"),
+                                  "--report_to", "none"], cwd=os.path.dirname(os.path.abspath(train.__file__)),
+                                 env=env, capture_output=True, text=True, timeout=120)
+            lines = [x for x in res.stderr.splitlines() if x.strip() and "Warning" not in x and "warn(" not in x]
+            assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+            assert lines[-1].startswith("error: ") and "cannot be reached" in lines[-1] and "HF_HUB_OFFLINE=1" in lines[-1]
+            assert time.time() - start < 60, time.time() - start  # no rounds of retries

@@ -16,10 +16,23 @@ pytestmark = pytest.mark.slow  # the benchmark scripts end to end
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def bench_env(tiny_qwen2_dir, deepseek_tokenizer_dir, tmp_path, **extra) -> dict:
+    """gpu_bench.sh's environment on this CPU with a tiny architecture, and no tensorboard importable:
+    the device image has none (a sitecustomize on PYTHONPATH hides it from every python3 it starts)."""
+    hide = tmp_path / "no_tensorboard"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['tensorboard'] = None  # as if not installed\n")
+    return dict(os.environ, ARCH=tiny_qwen2_dir, TOKENIZER=deepseek_tokenizer_dir, DEVICE="cpu", MAX_LENGTH="48",
+                BATCH="2", STEPS="1", OUT=str(tmp_path), TRAIN_STEPS="2", TRAIN_LENGTH="64", DATA="demo",
+                PYTHONPATH=str(hide) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]) | extra
+
+
 def test_gpu_bench_script_runs_on_cpu_with_a_tiny_architecture(tiny_qwen2_dir, deepseek_tokenizer_dir, tmp_path):
-    env = dict(os.environ, ARCH=tiny_qwen2_dir, TOKENIZER=deepseek_tokenizer_dir, DEVICE="cpu", MAX_LENGTH="48",
-               BATCH="2", STEPS="1", OUT=str(tmp_path),
-               TRAIN_STEPS="2", TRAIN_LENGTH="64", DATA="demo", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env = bench_env(tiny_qwen2_dir, deepseek_tokenizer_dir, tmp_path)
+    check = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('tensorboard'))"],
+                           env=env, capture_output=True, text=True)
+    assert check.stdout.strip() == "None"  # the stages below run without tensorboard, as on the device
     res = subprocess.run(["bash", "gpu_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = json.load(open(tmp_path / "bench_gpu.json"))
@@ -40,3 +53,31 @@ def test_gpu_bench_script_runs_on_cpu_with_a_tiny_architecture(tiny_qwen2_dir, d
     assert [m["step"] for m in steps if m["split"] == "train"][-1] == 2
     metrics = json.load(open(tmp_path / "eval_gpu.json"))["metrics"]
     assert metrics["pairs"] > 0 and math.isfinite(metrics["loss"]) and metrics["beta/mean"] > 0
+
+
+def test_gpu_bench_prints_at_once_and_keeps_a_killed_stages_lines(tiny_qwen2_dir, deepseek_tokenizer_dir, tmp_path):
+    """The first line comes within 60 s; killed in the middle of its training stage, the script has
+    already written that stage's lines to its log (nothing waits in a pipe's buffer), and the
+    training stage wrote no checkpoint."""
+    import signal
+    import time
+    env = bench_env(tiny_qwen2_dir, deepseek_tokenizer_dir, tmp_path, TRAIN_STEPS="100000", TRAIN_TIMEOUT="600")
+    start = time.time()
+    proc = subprocess.Popen(["bash", "gpu_bench.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("gpu_bench: ") and time.time() - start < 60, (first, time.time() - start)
+        log = tmp_path / "train_gpu.log"
+        deadline = time.time() + 400
+        while not (log.exists() and "training 100000 steps" in log.read_text()):
+            assert time.time() < deadline and proc.poll() is None, "the training stage never logged its start"
+            time.sleep(1)
+        time.sleep(3)  # some steps run
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    text = (tmp_path / "train_gpu.log").read_text()
+    assert "data: " in text and "training 100000 steps" in text  # written while the stage ran
+    assert "| ours-lora |" in (tmp_path / "bench_gpu.log").read_text()  # the stage before, whole
+    assert not list(tmp_path.glob("**/checkpoints/step_*"))

@@ -242,6 +242,26 @@ def test_shared_prompt_equals_padded_forward_values_and_gradients(impl, side, le
     assert max(g.abs().max() for g in ga.values()) > 1e-3  # the gradients compared are not all zero
 
 
+def test_collate_plans_the_packing_and_the_device_side_never_copies_back(monkeypatch):
+    """collate plans the shared-prompt layout on the CPU (small index tensors that move with the
+    batch); pack_pairs then forms the inputs and the (R, 1, L, L) mask where the batch is, with no
+    copy to the host and no read of a device value (each would stall a GPU on every micro-batch),
+    and gives exactly the layout it computes from the batch alone."""
+    b = collate(pairs(), 0)
+    assert b["pack_plan"].dtype == torch.long and b["pack_plan"].shape[0] == 4
+    assert b["pack_unpack"].shape == (b["input_ids"].numel(),)
+    expected = pack_pairs(b["input_ids"], b["attention_mask"], b["prompt_mask"])  # plans from the batch
+    for name in ("cpu", "item", "tolist", "nonzero", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        def refuse(*a, _name=name, **k):
+            raise AssertionError(f"pack_pairs called Tensor.{_name}")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    got = pack_pairs(b["input_ids"], b["attention_mask"], b["prompt_mask"], b["pack_plan"], b["pack_unpack"])
+    monkeypatch.undo()
+    assert set(got) == set(expected)
+    for k in got:
+        assert torch.equal(got[k], expected[k]), k
+
+
 def test_pack_pairs_refuses_pairs_with_different_prompts():
     b = collate(pairs(), 0)
     b["input_ids"][4, 0] += 1  # the rejected row of pair 1 now has another prompt

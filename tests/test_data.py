@@ -390,3 +390,22 @@ def test_special_tokens_inside_text_skip_the_row_in_every_template(template):
     assert "prompt contains the tokenizer's special token" in report["first_skipped"]["special_token_in_text"]
     with pytest.raises(DataError, match="row 1: special_token_in_text: the prompt contains"):
         build_examples(good + forged, tok, 128, 64, use_template, strict=True)
+
+
+def test_string_prompt_beside_whole_conversations_keeps_their_history():
+    """A string prompt beside conversational chosen/rejected that carry the whole conversation: the
+    shared history of the conversations is the prompt (TRL 1.16's maybe_extract_prompt does the same
+    and ignores the prompt column), not just the string and the last messages."""
+    from data import normalize_row
+    history = [{"role": "user", "content": "What is snow?"}, {"role": "assistant", "content": "Frozen rain, roughly."},
+               {"role": "user", "content": "And in winter?"}]
+    row = dict(prompt="And in winter?", chosen=history + [{"role": "assistant", "content": "It falls more."}],
+               rejected=history + [{"role": "assistant", "content": "No idea."}])
+    assert normalize_row(row) == (history, "It falls more.", "No idea.")
+    # single-message responses beside a string prompt: as before
+    one = dict(prompt="Hi", chosen=[{"role": "assistant", "content": "Hello!"}], rejected=[{"role": "assistant", "content": "Go."}])
+    assert normalize_row(one) == ("Hi", "Hello!", "Go.")
+    # conversations that do not share their history are skipped and counted, not silently cut
+    bad = dict(row, rejected=[{"role": "user", "content": "Other"}, {"role": "assistant", "content": "No idea."}])
+    with pytest.raises(BadRow, match="no_shared_prompt"):
+        normalize_row(bad)

@@ -100,3 +100,40 @@ def test_defaults_and_precision():
     assert choose_precision("auto", use_cuda=False) == ("bf16" if cpu_multiplies_bf16_fast() else "no")
     assert choose_precision("fp32", use_cuda=True) == "no"
     assert resolve("some/hub-id") == ("some/hub-id", None)
+
+
+def test_trainer_state_and_lora_adapters_load_onto_this_process_device(tmp_path, monkeypatch):
+    """A multi-GPU resume: the trainer state loads onto the CPU (the optimizer then moves each state to
+    its parameter's device) instead of the device it was saved from (cuda:0 for every process), and a
+    LoRA checkpoint's adapters go to this process's device (peft would choose cuda:0)."""
+    import model_loader
+    seen = {}
+    real_load = torch.load
+    monkeypatch.setattr(model_loader.torch, "load", lambda *a, **k: seen.setdefault("load", k) and real_load(*a, **k))
+    state = dict(rng=dict(python=__import__("random").getstate(), torch=torch.get_rng_state(), cuda=[]))
+    torch.save(state, tmp_path / "trainer_state.pt")
+    model_loader.load_trainer_state(str(tmp_path))
+    assert seen["load"]["map_location"] == "cpu" and seen["load"]["weights_only"] is True
+    import peft
+    (tmp_path / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", classmethod(lambda cls, base, path, **k: seen.setdefault("peft", k) and base))
+    policy, *_ = model_loader.load_checkpoint(str(tmp_path), torch.nn.Linear(2, 2), "fixed", True, device="cuda:3")
+    assert seen["peft"] == dict(is_trainable=True, torch_device="cuda:3")
+
+
+def test_activation_checkpointing_under_either_transformers_name():
+    """transformers 5.23 calls it activation_checkpointing_enable; older ones (5.17, the GPU image's)
+    only gradient_checkpointing_enable."""
+    from model_loader import enable_checkpointing
+    calls = []
+
+    class Old:
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(("gradient", gradient_checkpointing_kwargs))
+
+    class New(Old):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            calls.append(("activation", activation_checkpointing_kwargs))
+    enable_checkpointing(Old())
+    enable_checkpointing(New())
+    assert calls == [("gradient", {"use_reentrant": False}), ("activation", {"use_reentrant": False})]

@@ -330,3 +330,136 @@ def test_pair_beta_log_names_the_pairs_each_step_trained_on(tiny_qwen2_dir, tmp_
     ratios = [b / p for b, p in zip(lines[0]["beta"], ppls)]
     assert max(ppls) / min(ppls) > 1.01  # the prompts differ (by ~2% on the random model): a wrong row would show
     assert max(ratios) / min(ratios) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_evaluate_wraps_a_model_that_needs_no_gradients(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """evaluate.py hands accelerate a model with no parameter requiring grad, so a multi-GPU launch does
+    not wrap it in DDP with a gradient buffer per process (~7 GB each for the 1.5B model)."""
+    from accelerate import Accelerator
+    train.main(common(tiny_qwen2_dir, tmp_path / "run", "--max_steps", "1", "--max_eval_examples", "2"))
+    seen, real = [], Accelerator.prepare
+    monkeypatch.setattr(Accelerator, "prepare", lambda self, *m, **k: seen.append(
+        any(p.requires_grad for x in m for p in x.parameters())) or real(self, *m, **k))
+    evaluate.main(["--ckpt", str(tmp_path / "run" / "final")])
+    assert seen == [False]
+
+
+def test_help_shows_defaults_and_trl_names_get_an_answer(capsys):
+    """--help shows each flag's default; TRL's DPOConfig names are answered with ours; 'latest' is 'auto'."""
+    with pytest.raises(SystemExit):
+        train.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for fragment in ("peak AdamW learning rate of the policy (default: 1e-06)", "(default: 512)",
+                     "(0 = only final) (default: 500)", "(default 1e-3; learnable only)"):
+        assert fragment in text, fragment
+    assert "(default: None)" not in text
+    with pytest.raises(SystemExit):
+        train.get_args(["--learning_rate", "1e-5", "--per_device_train_batch_size", "4", "--bf16"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unrecognized arguments: --learning_rate 1e-5 --per_device_train_batch_size 4 --bf16" in err
+    for hint in ("--learning_rate is TRL's; here use --policy_lr", "--per_device_train_batch_size is TRL's; here use "
+                 "--batch_size", "--bf16 is TRL's; here use --precision bf16"):
+        assert hint in err, hint
+    assert train.get_args(["--resume_from", "latest"]).resume_from == "auto"
+    assert set(train.TRL_FLAGS) >= {"--learning_rate", "--per_device_train_batch_size", "--num_train_epochs",
+                                    "--logging_steps", "--bf16", "--resume_from_checkpoint", "--warmup_steps",
+                                    "--max_completion_length", "--loss_type"}
+
+
+def test_logged_rows_are_the_data_files_rows(tiny_qwen2_dir, tmp_path):
+    """With the default held-out fraction, pair_beta.jsonl's and eval.json's row numbers are rows of
+    the user's file: each one's prompt text is that file row's, the trained ones are never held out."""
+    from transformers import AutoTokenizer
+    from data import split_eval
+    rows = [dict(prompt=f"Question number {i} about topic {i * 7}?", chosen=f"Good answer {i}.", rejected=f"Bad {i}.")
+            for i in range(24)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    train.main(["--model_name_or_path", tiny_qwen2_dir, "--dataset", str(path), "--output_dir", str(out),
+                "--batch_size", "2", "--max_length", "64", "--max_prompt_length", "40", "--max_steps", "3",
+                "--eval_every_steps", "0", "--precision", "fp32", "--log_pair_beta", "--eval_fraction", "0.25"])
+    held = set(split_eval(rows, 0.25, 0)[1].numbers)  # the held-out file rows, by the same rule
+    trained = {r for line in open(out / "pair_beta.jsonl") for r in json.loads(line)["row"]}
+    assert trained and not trained & held and trained <= set(range(24))
+    per_pair = json.load(open(out / "final" / "eval.json"))["per_pair"]
+    assert set(per_pair["row"]) == held
+    # the text behind a logged row number is that file row's prompt
+    from data import build_examples
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    train_rows, held_rows = split_eval(rows, 0.25, 0)
+    for part in (train_rows, held_rows):
+        for ex in build_examples(part, tok, 64, 40)[0]:
+            assert rows[ex["row"]]["prompt"] in tok.decode(ex["prompt_ids"])
+
+
+def test_beta_for_my_own_prompts(tiny_qwen2_dir, tmp_path):
+    """evaluate.py --prompts FILE: each prompt's beta, PPL, f(h) and token count, lowest beta first, as
+    JSONL and a table, with a histogram; beta and PPL are those get_dynamic_beta / compute_ppl give."""
+    from beta_head import ppl_scale
+    from model_loader import build_model, load_tokenizer, read_run_config
+    out = tmp_path / "run"
+    train.main(common(tiny_qwen2_dir, out, "--beta_mode", "learnable", "--max_steps", "2", "--max_eval_examples", "2",
+                      "--beta_head_lr", "1e-1"))
+    prompts = ["How do I tie a tie?", "Why is the sky blue? Explain it to a child in three sentences, please.", "Hi"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "Name a colour."}]}) + "\n")
+    final = out / "final"
+    rows = evaluate.main(["--ckpt", str(final), "--prompts", str(tmp_path / "p.txt"), "--batch_size", "2"])
+    assert sorted(r["row"] for r in rows) == [0, 1, 2] and [r["beta"] for r in rows] == sorted(r["beta"] for r in rows)
+    logged = [json.loads(x) for x in open(final / "prompt_beta.jsonl")]
+    assert logged == rows and (final / "prompt_beta.png").stat().st_size > 0
+    table = open(final / "prompt_beta.md").read()
+    assert "| file row | beta | PPL | f(h) | prompt tokens |" in table and "How do I tie a tie?" in table
+    # the same numbers through the spec's methods on the prompt alone
+    cfg = read_run_config(str(final))
+    tok = load_tokenizer(str(final))
+    model = build_model(cfg, torch.device("cpu"), None, ckpt=str(final), training=False)
+    from data import prompt_tokens
+    for r in rows:
+        ids = torch.tensor([prompt_tokens(tok, prompts[r["row"]])[0]])
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            assert model.get_dynamic_beta(ids, mask).item() == pytest.approx(r["beta"], rel=1e-5)
+            ppl = model.compute_ppl(ids, mask)
+        assert ppl.item() == pytest.approx(r["ppl"], rel=1e-5) and r["prompt_tokens"] == ids.shape[1]
+        head = model.beta_head
+        assert r["f"] == pytest.approx(r["raw_beta"] / (head.w.item() * ppl_scale(ppl).item()), rel=1e-5)
+        assert 1 - head.epsilon - 1e-6 <= r["f"] <= 1 + head.epsilon + 1e-6
+    assert len(evaluate.main(["--ckpt", str(final), "--prompts", str(tmp_path / "p.jsonl")])) == 1  # chat messages
+    with pytest.raises(DataError, match="every row needs a 'prompt'"):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
+        evaluate.main(["--ckpt", str(final), "--prompts", str(tmp_path / "bad.jsonl")])
+
+
+def test_a_resume_keeps_its_history_and_says_what_changed(tiny_qwen2_dir, tmp_path, capsys):
+    """--resume_from auto with another learning rate: said at the start, and run_config.json, config.json
+    and the model card keep both segments (commands and changes); --no_FLAG undoes a config file's
+    on/off flag; a LoRA card says peft, names no local path as its base and points at merged/."""
+    out = tmp_path / "run"
+    first = common(tiny_qwen2_dir, out, "--max_steps", "4", "--save_every_steps", "2", "--max_eval_examples", "2")
+    part = tmp_path / "part"
+    train.main(first)
+    os.makedirs(part / "checkpoints")
+    shutil.copytree(out / "checkpoints" / "step_2", part / "checkpoints" / "step_2")
+    capsys.readouterr()
+    train.main(common(tiny_qwen2_dir, part, "--max_steps", "4", "--save_every_steps", "2", "--max_eval_examples", "2",
+                      "--resume_from", "auto", "--policy_lr", "5e-3"))
+    assert "resuming with changed flags: --policy_lr 0.001 -> 0.005" in capsys.readouterr().out
+    history = json.load(open(part / "final" / "run_config.json"))["history"]
+    assert [h["from_step"] for h in history] == [0, 2]
+    assert history[0]["command"].endswith(" ".join(first[-6:])) and history[1]["changed"] == {"policy_lr": [1e-3, 5e-3]}
+    assert json.load(open(part / "config.json"))["history"] == history
+    card = open(part / "final" / "README.md").read()
+    assert "trained in segments" in card and "from step 2:" in card and "policy_lr" in card
+    # a YAML config turns an on/off flag on; --no_FLAG turns it off again
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("keep_checkpoints: true\nprecompute_ref: true\n")
+    args = train.get_args(["--config", str(cfg), "--no_keep_checkpoints"])
+    assert args.keep_checkpoints is False and args.precompute_ref is True
+    from model_loader import model_card
+    lora = model_card(dict(json.load(open(part / "final" / "run_config.json")), lora_r=8, merge_lora=True), {}, {}, "cmd")
+    assert "library_name: peft" in lora and "base_model:" not in lora  # the base here is a local directory
+    assert "PeftModel.from_pretrained" in lora and "merged/" in lora and "pip install peft" in lora
+    hub = model_card(dict(json.load(open(part / "final" / "run_config.json")), model_name_or_path="org/model"), {}, {}, "cmd")
+    assert "base_model: org/model" in hub and "library_name: transformers" in hub

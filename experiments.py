@@ -898,8 +898,9 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
         rows += ["", "What drives β in the learnable runs: the final policy's β on the validation pairs, its Spearman "
                  "correlation with the prompt's PPL and its length in tokens, and β on intact and on truncated prompts:", "",
                  "| run | β mean [min, max] | ρ(β, PPL) | ρ(β, prompt tokens) | median β, intact / truncated prompts (n) | "
-                 "w, first → last log | f(h) = β / (w · PPL term), mean [min, max] |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
+                 "w, first → last log | f(h) = β / (w · PPL term), mean [min, max] | f(h) s.d. over prompts | "
+                 "NN weight norm, first → last log |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in learn:
             p, tr = r["per_pair"], curve(r, "train")
             med = lambda xs: f"{sorted(xs)[len(xs) // 2]:.4f}" if xs else "–"  # noqa: E731
@@ -910,7 +911,8 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
                         f"{spearman(p['beta'], p['ppl']):+.3f} | {spearman(p['beta'], p['prompt_tokens']):+.3f} | "
                         f"{med(intact)} / {med(cut)} ({len(intact)} / {len(cut)}) | "
                         f"{tr[0]['beta_head/w']:.4g} → {tr[-1]['beta_head/w']:.4g} | "
-                        f"{spread(f)} |")
+                        f"{spread(f)} | {math.sqrt(sum((x - sum(f) / len(f)) ** 2 for x in f) / len(f)):.4f} | "
+                        f"{tr[0]['beta_head/nn_weight_norm']:.4f} → {tr[-1]['beta_head/nn_weight_norm']:.4f} |")
     write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
     splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))
     print("\n".join(rows))

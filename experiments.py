@@ -570,6 +570,14 @@ def head_terms(result: dict, split: str = "eval") -> dict[int, tuple[float, floa
             if not (metrics["beta/clamped_frac"] > 0 and b in (lo, hi))}
 
 
+def f_tokens(result: dict, split: str = "eval") -> float:
+    """Spearman correlation of f(h) with the prompt's length in tokens over the unclamped pairs of `split`."""
+    terms, p = head_terms(result, split), held_out(result, split)[1]
+    tokens = dict(zip(p["row"], p["prompt_tokens"]))
+    rows = sorted(terms)
+    return spearman([terms[k][1] for k in rows], [tokens[k] for k in rows])
+
+
 def head_factor(result: dict, split: str = "eval") -> list[float]:
     """f(h) of each unclamped pair of `split` (head_terms)."""
     return [f for _, f in head_terms(result, split).values()]
@@ -899,8 +907,8 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
                  "correlation with the prompt's PPL and its length in tokens, and β on intact and on truncated prompts:", "",
                  "| run | β mean [min, max] | ρ(β, PPL) | ρ(β, prompt tokens) | median β, intact / truncated prompts (n) | "
                  "w, first → last log | f(h) = β / (w · PPL term), mean [min, max] | f(h) s.d. over prompts | "
-                 "NN weight norm, first → last log |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                 "ρ(f(h), prompt tokens) | NN weight norm, first → last log |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in learn:
             p, tr = r["per_pair"], curve(r, "train")
             med = lambda xs: f"{sorted(xs)[len(xs) // 2]:.4f}" if xs else "–"  # noqa: E731
@@ -912,6 +920,7 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
                         f"{med(intact)} / {med(cut)} ({len(intact)} / {len(cut)}) | "
                         f"{tr[0]['beta_head/w']:.4g} → {tr[-1]['beta_head/w']:.4g} | "
                         f"{spread(f)} | {math.sqrt(sum((x - sum(f) / len(f)) ** 2 for x in f) / len(f)):.4f} | "
+                        f"{f_tokens(r):+.3f} | "
                         f"{tr[0]['beta_head/nn_weight_norm']:.4f} → {tr[-1]['beta_head/nn_weight_norm']:.4f} |")
     write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
     splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))

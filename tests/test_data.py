@@ -366,6 +366,8 @@ def test_hub_dataset_arguments_are_passed_through(monkeypatch):
         seen.update(name=name, config=config, data_dir=data_dir, split=split)
         return datasets.Dataset.from_list(ROWS)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    import data
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: True)  # as with a network
     assert load_rows("Anthropic/hh-rlhf", "test", None, "harmless-base") == ROWS
     assert seen == dict(name="Anthropic/hh-rlhf", config=None, data_dir="harmless-base", split="test")
 

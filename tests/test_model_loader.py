@@ -88,7 +88,7 @@ def test_deepseek_tokenizer_setup(deepseek_tokenizer_dir):
     assert tok(text, add_special_tokens=False)["input_ids"].count(tok.bos_token_id) == 1
 
 
-def test_defaults_and_precision():
+def test_defaults_and_precision(monkeypatch):
     args = train.get_args([])
     assert args.model_name_or_path == DEFAULT_MODEL == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
     assert args.trust_remote_code is False
@@ -99,6 +99,11 @@ def test_defaults_and_precision():
     assert choose_precision("fp32", use_cuda=False, cpu_bf16=True) == "no"
     assert choose_precision("auto", use_cuda=False) == ("bf16" if cpu_multiplies_bf16_fast() else "no")
     assert choose_precision("fp32", use_cuda=True) == "no"
+    import data
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: True)  # a hub id passes through where the hub answers
+    assert resolve("some/hub-id") == ("some/hub-id", None)
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # ... and, offline, to the cache
     assert resolve("some/hub-id") == ("some/hub-id", None)
 
 

@@ -49,7 +49,9 @@ def test_train_save_evaluate_round_trip(tiny_qwen2_dir, tmp_path):
     assert not (final / "trainer_state.pt").exists()  # the model to deploy holds no optimizer state
     assert (out / "checkpoints" / "step_4" / "trainer_state.pt").exists()  # --keep_checkpoints: the last state
     card = (final / "README.md").read_text()
-    assert f"base_model: {tiny_qwen2_dir}" in card and "Learnable-beta DPO" in card and "python train.py" in card
+    # a local starting model is named in the text, not as the hub's base_model (which must be a hub id)
+    assert f"A preference-tuned version of `{tiny_qwen2_dir}`" in card and "base_model:" not in card
+    assert "Learnable-beta DPO" in card and "python train.py" in card
     assert "rewards/accuracies" in card
     for name in ("config.json", "data_report.json", "metrics.jsonl"):
         assert (out / name).exists(), name
@@ -158,11 +160,19 @@ def test_bad_flags_fail_before_loading(flags, message, capsys):
 
 @pytest.mark.slow
 def test_refuses_to_overwrite_another_run(tiny_qwen2_dir, tmp_path):
+    """A directory where training started (metrics, checkpoints or final/) holds a run and is never
+    overwritten; one where only a failed start wrote its config.json does not block the same command."""
     out = tmp_path / "run"
     os.makedirs(out)
     (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("")
     with pytest.raises(DataError, match="already holds a run"):
         train.main(common(tiny_qwen2_dir, out, "--max_steps", "1"))
+    failed_start = tmp_path / "failed"
+    os.makedirs(failed_start)
+    (failed_start / "config.json").write_text("{}")
+    train.main(common(tiny_qwen2_dir, failed_start, "--max_steps", "1", "--max_eval_examples", "2"))
+    assert (failed_start / "final" / "COMPLETED").exists()
 
 
 @pytest.mark.slow

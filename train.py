@@ -40,6 +40,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -905,8 +906,14 @@ def shard_policy(policy: nn.Module, reshard_after_forward: bool) -> None:
 
 
 def full(t):
-    """A DTensor shard gathered into the whole tensor (a collective: every process calls it); other tensors as they are."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    """A DTensor shard gathered into the whole tensor (a collective: every process calls it), the
+    gather finished before it returns; other tensors as they are."""
+    if not isinstance(t, DTensor):
+        return t
+    whole = t.full_tensor()
+    # an unfinished functional collective still writes into its buffer: a caller that drops the
+    # result at once (gathered(keep=False)) must not free it first, so wait here
+    return whole.wait() if isinstance(whole, AsyncCollectiveTensor) else whole
 
 
 def gathered(tensors: dict, keep: bool) -> dict | None:

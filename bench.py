@@ -62,8 +62,12 @@ import time
 
 import torch
 
-from beta_head import BetaHead, dpo_loss, last_token_hidden, masked_ppl
-from data import build_examples, collate, load_rows, normalize_row
+from batching import collate
+from beta_head import BetaHead
+from data import load_rows, normalize_row
+from logprobs import last_token_hidden, masked_ppl
+from losses import dpo_loss
+from tokenization import build_examples
 from model_loader import build_model, build_tiny_qwen2, frozen_copy, load_policy, load_tokenizer, peak_memory_gb
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

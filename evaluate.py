@@ -31,10 +31,13 @@ import sys
 
 import torch
 
-from beta_head import eval_metrics, ppl_scale, run_eval
-from data import BadRow, DataError, build_examples, check_plain_text, load_rows, load_splits, prompt_tokens, structure_tokens
-from model_loader import (add_reference_cache, autocast_dtype, build_model, check_checkpoint, load_tokenizer,
-                          make_accelerator, nonfinite_tensors, read_run_config, write_eval, write_samples)
+from beta_head import ppl_scale
+from checkpoint import check_checkpoint, nonfinite_tensors, read_run_config
+from data import BadRow, DataError, load_rows, load_splits
+from model_loader import add_reference_cache, autocast_dtype, build_model, load_tokenizer, make_accelerator
+from registry import BETA_MODES
+from reporting import eval_metrics, run_eval, write_eval, write_samples
+from tokenization import build_examples, check_plain_text, prompt_tokens, structure_tokens
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -100,7 +103,7 @@ def main(argv=None):
         precision = "bf16" if torch.cuda.is_available() else "fp32"
     accelerator = make_accelerator(precision)
     tokenizer = load_tokenizer(args.ckpt)
-    if args.prompts and cfg["beta_mode"] in ("beta_dpo", "epsilon_dpo"):
+    if args.prompts and not BETA_MODES[cfg["beta_mode"]].per_prompt:
         raise DataError(f"--prompts: a {cfg['beta_mode']} run sets beta from pairs of responses, not from a prompt "
                         "alone; learnable runs (and fixed ones, beta0 everywhere) have a beta per prompt")
     prompts = read_prompts(args.prompts, tokenizer, cfg) if args.prompts else None
@@ -119,12 +122,12 @@ def main(argv=None):
         add_reference_cache(model, examples, cfg["ref_cache_dir"], args.batch_size, accelerator,
                             tokenizer.pad_token_id, cfg["model_name_or_path"], cfg["gguf_file"])
         model.drop_reference()
-    head = model.beta_head
+    mode = model.mode
     model.requires_grad_(False)  # evaluation: no gradient buffers in a multi-GPU (DDP) wrapper
     model = accelerator.prepare(model)
 
     stats = run_eval(model, examples, args.batch_size, accelerator, tokenizer.pad_token_id, progress=True)
-    metrics = eval_metrics(stats, cfg["beta"], cfg["beta_min"], cfg["beta_max"], head)
+    metrics = eval_metrics(stats, cfg["beta"], cfg["beta_min"], cfg["beta_max"], mode)
     if bad:  # --allow_nonfinite: said in eval.json and eval.md beside the numbers
         metrics["nonfinite_tensors"] = len(bad)
     if accelerator.is_main_process:
@@ -176,7 +179,7 @@ def prompt_betas(model, prompts: list[dict], batch_size: int, pad_token_id: int,
         ids = torch.tensor([p["ids"] + [pad_token_id] * (T - len(p["ids"])) for p in chunk], device=accelerator.device)
         mask = torch.tensor([[1] * len(p["ids"]) + [0] * (T - len(p["ids"])) for p in chunk], device=accelerator.device)
         with accelerator.autocast():
-            ppl, h = model._prompt_stats(ids, mask)
+            ppl, h = model.prompt_stats(ids, mask)
             beta, raw = model.beta_from(ppl, h)
         head = model.beta_head
         f = raw / (head.w * ppl_scale(ppl, head.ppl_transform)) if head is not None else torch.ones_like(raw)

@@ -16,15 +16,14 @@ Resume the newest complete checkpoint of a run:
 
 Writes runs/NAME/: config.json (these flags), data_report.json, metrics.jsonl, tb/ (TensorBoard),
 checkpoints/step_N/ (the resumable state; a finished run deletes them unless --keep_checkpoints) and
-final/ (the model to deploy: no optimizer state); what each holds: model_loader.py, "checkpoints".
+final/ (the model to deploy: no optimizer state); what each holds: checkpoint.py.
 
 Reading order: main() tells the story; each step it names is a function below it: set up the run
 directory, load and tokenise the data, build the model (model_loader.build_model), make the optimizer,
-calibrate w, then the loop of train_step / log_train / evaluate / save.
+start the beta mode (learnable: calibrate w), then the loop of train_step / log_train / evaluate / save.
 """
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -40,15 +39,19 @@ from functools import partial
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from torch.distributed._functional_collectives import AsyncCollectiveTensor
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from beta_head import DynamicBetaDPOModel, beta_bounds, eval_metrics, run_eval, summarize
-from data import THINK_PREFILL_CHOICES, DataError, PairBatchSampler, build_examples, collate, load_splits
-from model_loader import (DEFAULT_MODEL, TRACKERS, TRAINER_STATE, add_reference_cache, autocast_dtype, build_model,
-                          check_checkpoint, complete_checkpoints, is_complete, load_tokenizer, load_trainer_state, make_accelerator,
-                          model_card, peak_memory_gb, prune_checkpoints, read_run_config, save_checkpoint, write_eval, write_samples)
+from batching import PairBatchSampler, collate
+from beta_head import DynamicBetaDPOModel
+from checkpoint import (check_resume, complete_checkpoints, is_complete, load_trainer_state, prune_checkpoints,
+                        record_segment, resolve_resume, save_checkpoint)
+from data import DataError, load_splits
+from fsdp import all_finite, clip_grad_norm_, gathered, gathered_optimizer_state, shard_optimizer_state, shard_policy
+from losses import summarize
+from model_loader import DEFAULT_MODEL, TRACKERS, add_reference_cache, autocast_dtype, build_model, load_tokenizer, make_accelerator, peak_memory_gb
+from registry import BETA_MODES, beta_bounds, is_bounded
+from reporting import eval_metrics, model_card, run_eval, write_eval, write_samples
+from tokenization import THINK_PREFILL_CHOICES, build_examples
 
 
 # TRL's DPOConfig spellings a user types first -> what to pass here (README "Coming from TRL")
@@ -141,40 +144,28 @@ def get_args(argv=None) -> argparse.Namespace:
                         "<think>\\n (as TRL does; differs from what the model sees at inference). Responses with "
                         "</think> always keep their reasoning")
     g.add_argument("--strict_data", action="store_true", help="stop at the first bad row instead of skipping and counting it")
-    g = p.add_argument_group("beta", "how beta is chosen: fixed, learnable (BetaHead), beta-DPO or ε-DPO; the loss")
-    g.add_argument("--beta_mode", default="fixed", choices=["fixed", "learnable", "beta_dpo", "epsilon_dpo"],
+    g = p.add_argument_group("beta", "how beta is chosen (registry.py: one mode per file) and the loss")
+    g.add_argument("--beta_mode", default="fixed", choices=list(BETA_MODES),
                    help="fixed: DPO with constant --beta; learnable: beta(x) = w * PPL(x) * f(h(x)); "
                         "beta_dpo: batch-level beta and pair filtering of beta-DPO (Wu et al. 2024); epsilon_dpo: "
-                        "per-pair beta of ε-DPO (Lee et al. 2025), needs the reference model (no --precompute_ref)")
-    g.add_argument("--epsilon_dpo_epsilon", type=float, default=0.01,
-                   help="epsilon_dpo: the perturbation beta/(1+eps), beta/(1-eps) checked per pair, also the step "
-                        "of its beta (the authors' default 0.01)")
+                        "per-pair beta of ε-DPO (Lee et al. 2025), needs the reference model (no --precompute_ref). "
+                        "Each mode's own flags are in its group below")
+    g.add_argument("--beta", type=float, default=0.1, help="beta0: the fixed beta, and the initial mean of a learnable one")
     g.add_argument("--label_smoothing", type=float, default=0.0,
                    help="cDPO: each label is taken as flipped with this probability, in [0, 0.5) (0 = plain DPO)")
-    g.add_argument("--beta_dpo_alpha", type=float, default=0.6,
-                   help="beta_dpo: beta = beta0 * (1 + alpha * (mean kept reward gap - M0)), the authors' a")
-    g.add_argument("--beta_dpo_rho", type=float, default=0.8,
-                   help="beta_dpo: fraction of each batch kept by the filter, int(B * rho) pairs (the authors' "
-                        "1 - mode_weight): a micro-batch of 8 keeps 6, of 4 keeps 3")
-    g.add_argument("--beta", type=float, default=0.1, help="beta0: the fixed beta, and the initial mean of a learnable one")
-    g.add_argument("--epsilon", type=float, default=0.1, help="f(h) = 1 + epsilon * tanh(NN(h)) lies in [1-eps, 1+eps]")
-    g.add_argument("--nn_structure", default="linear", choices=["linear", "mlp"], help="the BetaHead's NN")
-    g.add_argument("--mlp_hidden_size", type=int, default=256, help="hidden width of the mlp NN")
-    g.add_argument("--calibration_pairs", type=int, default=64,
-                   help="learnable: w starts so that the mean beta over the first this many training prompts is --beta")
-    g.add_argument("--ppl_transform", default="ppl", choices=["ppl", "log"],
-                   help="beta scales with the prompt PPL (the spec) or with log PPL (a stabiliser; learnable only)")
     g.add_argument("--beta_min", type=float, default=None,
                    help="lower clamp of beta (learnable: default beta/10; beta_dpo: default 1e-3, the authors' floor)")
     g.add_argument("--beta_max", type=float, default=None,
                    help="upper clamp of beta (learnable: default beta*10; beta_dpo: default inf). Where a learnable "
                         "beta is clamped, the loss pulls it back towards the bound, so the head never freezes")
-    g.add_argument("--beta_reg", type=float, default=0.0, help="weight of the penalty mean((log beta - log beta0)^2)")
-    g.add_argument("--beta_grad_to_policy", action="store_true",
-                   help="let gradients flow from beta into the policy through PPL and h (ablation; default detached)")
+    p.mode_flags = {}  # mode -> {flag: its default}: the flags it added, refused with any other mode
+    for name, mode in BETA_MODES.items():
+        g = p.add_argument_group(f"--beta_mode {name}", mode.about)
+        before = len(p._actions)
+        mode.add_flags(g)
+        p.mode_flags[name] = {a.dest: a.default for a in p._actions[before:]}  # before a --config file's
     g = p.add_argument_group("optimisation", "AdamW, schedule, batch")
     g.add_argument("--policy_lr", type=float, default=1e-6, help="peak AdamW learning rate of the policy")
-    g.add_argument("--beta_head_lr", type=float, default=None, help="peak AdamW learning rate of the BetaHead (default 1e-3; learnable only)")
     g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
     g.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
@@ -268,13 +259,13 @@ def check_args(args, p) -> None:
     for flag, value in vars(args).items():  # nan and inf pass every comparison below
         if isinstance(value, float) and not (math.isfinite(value) or (flag == "beta_max" and value == math.inf)):
             p.error(f"--{flag} must be a finite number; got {value}")
-    for flag in ("max_grad_norm", "weight_decay", "beta_reg"):
+    for flag in ("max_grad_norm", "weight_decay"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag} must be >= 0; got {getattr(args, flag)}")
     for flag in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, flag) < 1:
             p.error(f"--{flag} must be in [0, 1); got {getattr(args, flag)}")
-    for flag in ("adam_eps", "num_epochs", "lora_alpha", "mlp_hidden_size"):
+    for flag in ("adam_eps", "num_epochs", "lora_alpha"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag} must be > 0; got {getattr(args, flag)}")
     check_beta_flags(args, p)
@@ -290,8 +281,6 @@ def check_args(args, p) -> None:
             p.error(f"--{flag} must be >= 0; got {getattr(args, flag)}")
     if args.fsdp != "none" and args.lora_r:
         p.error("--fsdp with --lora_r is not supported: LoRA's trained weights are small, use plain DDP (no --fsdp)")
-    if args.fsdp != "none" and args.beta_mode == "epsilon_dpo":
-        p.error("--fsdp with --beta_mode epsilon_dpo is not supported yet (untested): use plain DDP (no --fsdp)")
     args.report_to = [] if args.report_to == "none" else args.report_to.split(",")
     unknown = [r for r in args.report_to if r not in TRACKERS]
     if unknown:
@@ -305,14 +294,8 @@ def check_args(args, p) -> None:
         p.error(f"--lora_r must be >= 0; got {args.lora_r}")
     if not 0 <= args.warmup_ratio < 1:
         p.error(f"--warmup_ratio must be in [0, 1); got {args.warmup_ratio}")
-    if args.calibration_pairs < 1:
-        p.error(f"--calibration_pairs must be >= 1; got {args.calibration_pairs}")
-    if args.beta_head_lr is not None and args.beta_head_lr <= 0:
-        p.error(f"--beta_head_lr must be > 0; got {args.beta_head_lr}")
     if args.max_prompt_length >= args.max_length:
         p.error(f"--max_prompt_length ({args.max_prompt_length}) must be < --max_length ({args.max_length})")
-    if not 0 <= args.epsilon < 1:
-        p.error(f"--epsilon must be in [0, 1); got {args.epsilon}")
     if not 0 < args.eval_fraction < 1:
         p.error(f"--eval_fraction must be in (0, 1); got {args.eval_fraction}")
     args.run_name = args.run_name or f"{args.beta_mode}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -321,95 +304,24 @@ def check_args(args, p) -> None:
 
 
 def check_beta_flags(args, p) -> None:
-    """The beta mode's flags: those of other modes are refused, the clamp gets its mode's default
-    (learnable: [beta/10, 10 beta]; beta_dpo: the authors' floor 1e-3, no ceiling; else none)."""
-    if args.beta_mode != "learnable":
-        if args.beta_head_lr is not None:
-            p.error("--beta_head_lr only applies to --beta_mode learnable")
-        if args.beta_reg or args.beta_grad_to_policy or args.ppl_transform != "ppl":
-            p.error("--beta_reg, --beta_grad_to_policy and --ppl_transform only apply to --beta_mode learnable")
-    if args.beta_mode == "epsilon_dpo" and args.precompute_ref:
-        p.error("--beta_mode epsilon_dpo reads the reference model's logits at every response token: drop "
-                "--precompute_ref (its cache holds only sequence log-probs)")
-    if not 0 < args.epsilon_dpo_epsilon < 1 or not 0 <= args.label_smoothing < 0.5:
-        p.error(f"need 0 < --epsilon_dpo_epsilon < 1 and 0 <= --label_smoothing < 0.5; got "
-                f"{args.epsilon_dpo_epsilon} and {args.label_smoothing}")
-    if args.beta_mode in ("fixed", "epsilon_dpo"):
+    """The beta modes' flags: each mode checks its own values (registry.py), a flag of another mode
+    than --beta_mode is refused when set, and the clamp gets its mode's default (BetaMode.bounds)."""
+    for mode in BETA_MODES.values():
+        mode.check_flags(args, p.error)
+    for name, defaults in p.mode_flags.items():
+        for dest, default in defaults.items():
+            if name != args.beta_mode and getattr(args, dest) != default:
+                p.error(f"--{dest} only applies to --beta_mode {name} (the flags of a mode's group in --help only "
+                        f"apply to --beta_mode {name})")
+    if not 0 <= args.label_smoothing < 0.5:
+        p.error(f"need 0 <= --label_smoothing < 0.5; got {args.label_smoothing}")
+    if not is_bounded(args.beta_mode):
         for flag in ("beta_min", "beta_max"):
             if getattr(args, flag) is not None:
-                p.error(f"--{flag} only applies to --beta_mode learnable or beta_dpo")
-        args.beta_min, args.beta_max = beta_bounds(args.beta_mode, args.beta)
-    else:
-        if args.beta_mode == "learnable":
-            args.beta_head_lr = 1e-3 if args.beta_head_lr is None else args.beta_head_lr
-        if not 0 < args.beta_dpo_rho <= 1:
-            p.error(f"--beta_dpo_rho must be in (0, 1]; got {args.beta_dpo_rho}")
-        args.beta_min, args.beta_max = beta_bounds(args.beta_mode, args.beta, args.beta_min, args.beta_max)
-        if not 0 <= args.beta_min < args.beta <= args.beta_max:
-            p.error(f"need 0 <= --beta_min < --beta <= --beta_max; got {args.beta_min}, {args.beta}, {args.beta_max}")
-
-
-# what fixes a run's starting point and its training rows, their tokens and order (with the step):
-# a resumed run must agree on every one of these
-RESUME_KEYS = ("model_name_or_path", "gguf_file", "lora_r", "lora_alpha", "lora_target_modules",  # start
-               "beta_mode", "nn_structure", "epsilon", "mlp_hidden_size", "ppl_transform",          # beta head
-               "dataset", "dataset_config", "dataset_data_dir", "split", "eval_split",               # which rows
-               "eval_fraction", "split_seed", "max_train_examples",
-               "max_length", "max_prompt_length", "no_chat_template", "think_prefill",               # their tokens
-               "seed", "batch_size", "gradient_accumulation_steps")                                  # their order
-
-
-def check_resume(resume: str, args) -> None:
-    """A checkpoint continues only the run it came from: same starting model, beta head, training
-    rows and data order (RESUME_KEYS). Learning rates, betas, eps, weight decay and intervals may
-    change on resume."""
-    saved = read_run_config(resume)
-    for key in RESUME_KEYS:
-        if saved.get(key) != getattr(args, key):
-            raise DataError(f"checkpoint {resume} has {key}={saved.get(key)!r} but this run has "
-                            f"{getattr(args, key)!r}; pass --{key} {saved.get(key)} or start a new run")
-
-
-
-def resolve_resume(args, say=print) -> str | None:
-    """The checkpoint --resume_from names: 'auto' is the run's newest complete one that reads back
-    whole (check_checkpoint; a damaged newer one is passed over, said, and left on disk; None when
-    there is none yet: start fresh); a directory must be complete and whole."""
-    if args.resume_from is None:
-        return None
-    if args.resume_from == "auto":
-        for ckpt in reversed(complete_checkpoints(args.output_dir)):
-            try:
-                check_checkpoint(ckpt)
-                return ckpt
-            except DataError as e:
-                say(f"warning: passing over {e}")
-        return None
-    if not is_complete(args.resume_from):
-        raise DataError(f"--resume_from {args.resume_from}: not a complete checkpoint (no COMPLETED marker)")
-    if not os.path.exists(os.path.join(args.resume_from, TRAINER_STATE)):
-        raise DataError(f"--resume_from {args.resume_from}: holds no optimizer state (final/ is the model to "
-                        "deploy); resume from checkpoints/step_N, which --keep_checkpoints keeps after a run")
-    check_checkpoint(args.resume_from)
-    return args.resume_from
-
-
-# flags that differ between segments of one run without changing what it trains
-SEGMENT_NOISE = ("resume_from", "history", "command", "output_dir", "run_name", "overwrite_output_dir")
-
-
-def record_segment(args, resume: str, say=print) -> None:
-    """A resumed run keeps what ran before: args.history becomes the checkpoint's history plus this
-    segment ({from_step, command, changed: {flag: [before, now]}}), which config.json,
-    run_config.json and the model card then show; the flags that changed are said."""
-    saved = read_run_config(resume)
-    changed = {k: [saved[k], v] for k, v in sorted(vars(args).items())
-               if k in saved and k not in SEGMENT_NOISE and saved[k] != v}
-    step = int(os.path.basename(os.path.normpath(resume)).rsplit("_", 1)[-1]) if "step_" in resume else None
-    earlier = saved.get("history") or [dict(from_step=0, command=saved.get("command", "(not recorded)"), changed={})]
-    args.history = earlier + [dict(from_step=step, command=args.command, changed=changed)]
-    if changed:
-        say("resuming with changed flags: " + ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+                p.error(f"--{flag} only applies to --beta_mode " + " or ".join(m for m in BETA_MODES if is_bounded(m)))
+    args.beta_min, args.beta_max = beta_bounds(args.beta_mode, args.beta, args.beta_min, args.beta_max)
+    if is_bounded(args.beta_mode) and not 0 <= args.beta_min < args.beta <= args.beta_max:
+        p.error(f"need 0 <= --beta_min < --beta <= --beta_max; got {args.beta_min}, {args.beta}, {args.beta_max}")
 
 
 def check_disk(args, model: DynamicBetaDPOModel) -> None:
@@ -459,8 +371,8 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(train_examples, collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
                                          batch_sampler=sampler())
     pair_order = iter(sampler()) if args.log_pair_beta else None  # the loader's order: which pairs each step trains on
-    if model.beta_head is not None and run.step == 0:
-        calibrate_beta_head(model, loader, args, accelerator)
+    if run.step == 0:  # a fresh run: the beta mode's start (learnable: calibrate w on the first prompts)
+        model.mode.start(model, loader, vars(args), accelerator)
 
     accelerator.print(f"training {run.max_steps} steps of {run.global_batch} pairs ({args.batch_size} x "
                       f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation)")
@@ -529,7 +441,7 @@ class StepResult:
     grad_norm: float  # before clipping
     finite: bool  # loss and gradients finite on every process: the update was applied
     tokens: int  # real tokens of the micro-batches (this process)
-    head_grads: tuple[float, float] | None  # |dL/dw| and the NN's grad norm (learnable beta)
+    mode_metrics: dict  # the beta mode's train_metrics() after the update (learnable: w, its gradients)
 
 
 def check_launch(args, accelerator: Accelerator) -> None:
@@ -599,8 +511,7 @@ def make_run(args, accelerator: Accelerator, model: DynamicBetaDPOModel, tokeniz
     trainable = [p for p in model.policy_model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in trainable if p.dim() >= 2], lr=args.policy_lr, weight_decay=args.weight_decay),
               dict(params=[p for p in trainable if p.dim() < 2], lr=args.policy_lr, weight_decay=0.0)]
-    if model.beta_head is not None:
-        groups.append(dict(params=list(model.beta_head.parameters()), lr=args.beta_head_lr, weight_decay=0.0))
+    groups += model.mode.param_groups(vars(args))  # e.g. the BetaHead, at its own learning rate
     for g in groups:
         g["peak_lr"] = g["lr"]
     kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
@@ -644,33 +555,11 @@ def restore(run: Run, resume: str) -> None:
     run.accelerator.print(f"resumed from {resume} at step {run.step}")
 
 
-@torch.no_grad()
-def calibrate_beta_head(model: DynamicBetaDPOModel, loader, args, accelerator: Accelerator) -> None:
-    """Set w so that the mean beta over the first --calibration_pairs training prompts is beta0:
-    learnable and fixed runs start from the same average beta (f(h) = 1 at init, so only PPL
-    spreads it). One batch is not enough: prompt PPL is heavy-tailed, and a 4-prompt batch set the
-    mean beta of a whole HH-RLHF run 2.5x off."""
-    ppls, hs = [], []
-    n_batches = math.ceil(args.calibration_pairs / (args.batch_size * accelerator.num_processes))
-    with accelerator.autocast():  # the precision training will use
-        for b in itertools.islice(iter(loader), n_batches):
-            b = to_device(b, accelerator.device)
-            n = b["input_ids"].shape[0] // 2
-            ppl, h = model._prompt_stats(b["input_ids"][:n], b["prompt_mask"][:n])
-            ppls.append(accelerator.gather(ppl))
-            hs.append(accelerator.gather(h))
-    ppl, h = torch.cat(ppls), torch.cat(hs)
-    model.beta_head.rescale_(h, ppl, args.beta, args.beta_min, args.beta_max)
-    accelerator.print(f"beta head: w initialised to {model.beta_head.w.item():.4g}, the mean beta over the first "
-                      f"{len(ppl)} training prompts is {args.beta} (their PPL: mean {ppl.mean().item():.4g}, "
-                      f"min {ppl.min().item():.4g}, max {ppl.max().item():.4g})")
-
-
 def train_step(run: Run, batches: list[dict]) -> StepResult:
     """One optimizer step over the micro-batches (gradient accumulation): forward, backward, clip,
     and the update when every process saw a finite loss and gradient norm; otherwise the gradients
     are dropped and no weight changes. Gradients are zero on return."""
-    accelerator, model, head = run.accelerator, run.model, run.raw.beta_head
+    accelerator, model, mode = run.accelerator, run.model, run.raw.mode
     loss_sum, stats, tokens = 0.0, [], 0
     for i, batch in enumerate(batches):  # sums stay on the device: no sync per micro-batch
         with nullcontext() if i == len(batches) - 1 else no_sync(run):
@@ -680,22 +569,18 @@ def train_step(run: Run, batches: list[dict]) -> StepResult:
         stats.append(s)
         tokens = tokens + batch["attention_mask"].sum()
     loss_sum, tokens = float(loss_sum), int(tokens)
-    if run.args.fsdp != "none" and head is not None:  # FSDP averaged the policy's gradients, not the BetaHead's
-        for p in head.parameters():
+    if run.args.fsdp != "none":  # FSDP averaged the policy's gradients, not the beta mode's (the BetaHead's)
+        for p in mode.parameters():
             if p.grad is not None:
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
     grad_norm = float(clip_grad_norm_(run.params, run.args.max_grad_norm or math.inf))
-    head_grads = None
-    if head is not None:
-        head_grads = (head.log_w.grad.item() if head.log_w.grad is not None else 0.0,
-                      math.sqrt(sum(float(p.grad.pow(2).sum()) for p in head.nn.parameters() if p.grad is not None)))
     finite = not any_process(accelerator, not (math.isfinite(loss_sum) and math.isfinite(grad_norm)))
     if finite:
         run.optimizer.step()
+    mode_metrics = mode.train_metrics()  # before the gradients go
     run.optimizer.zero_grad(set_to_none=True)
-    if run.raw.epsilon_dpo is not None:  # its beta moves with the policy, every process alike
-        run.raw.epsilon_dpo.update_() if finite else run.raw.epsilon_dpo.discard_()
-    return StepResult(loss_sum / len(batches), stats, grad_norm, finite, tokens, head_grads)
+    mode.after_step(finite)  # e.g. ε-DPO's beta moves with the policy, every process alike
+    return StepResult(loss_sum / len(batches), stats, grad_norm, finite, tokens, mode_metrics)
 
 
 def skip_bad_step(run: Run, result: StepResult) -> None:
@@ -721,19 +606,17 @@ def check_weights(run: Run) -> None:
 
 def log_train(run: Run, window: list[StepResult], pbar) -> None:
     """Metrics over the steps since the last log (all processes), to the trackers and the bar."""
-    accelerator, head = run.accelerator, run.raw.beta_head
+    accelerator = run.accelerator
     gathered = {k: accelerator.gather(torch.cat([s[k] for r in window for s in r.stats])) for k in window[0].stats[0]}
     metrics = summarize(gathered, run.args.beta, run.args.beta_min, run.args.beta_max)
+    metrics.update(run.raw.mode.metrics(gathered))
     elapsed = time.time() - run.log_start
     metrics.update({"grad_norm": window[-1].grad_norm, "lr/policy": run.optimizer.param_groups[0]["lr"],
                     "tokens_per_s": sum(r.tokens for r in window) * accelerator.num_processes / elapsed,
                     "examples_seen": run.step * run.global_batch, "skipped_steps": run.skipped_steps,
                     **{f"mem/{k}": v for k, v in peak_memory_gb(accelerator.device).items()}})
-    if head is not None:
-        w_grad, nn_grad = window[-1].head_grads
-        metrics.update({"lr/beta_head": run.optimizer.param_groups[-1]["lr"], "beta_head/w": head.w.item(),
-                        "beta_head/w_grad": w_grad, "beta_head/nn_grad_norm": nn_grad,
-                        "beta_head/nn_weight_norm": math.sqrt(sum(float(p.detach().pow(2).sum()) for p in head.nn.parameters()))})
+    metrics.update({f"lr/{g['name']}": g["lr"] for g in run.optimizer.param_groups if "name" in g})  # a mode's groups
+    metrics.update(window[-1].mode_metrics)
     record(run, metrics, "train", gathered["beta"])
     if accelerator.is_main_process:
         pbar.write(f"step {run.step}: loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.3f} "
@@ -767,7 +650,7 @@ def record(run: Run, metrics: dict, split: str, hist: torch.Tensor | None = None
 def evaluate(run: Run, examples: list[dict]) -> tuple[dict, dict]:
     """Held-out metrics of the current policy, logged -> (metrics, per-example stats)."""
     stats = run_eval(run.model, examples, run.args.eval_batch_size, run.accelerator, run.tokenizer.pad_token_id)
-    metrics = eval_metrics(stats, run.args.beta, run.args.beta_min, run.args.beta_max, run.raw.beta_head)
+    metrics = eval_metrics(stats, run.args.beta, run.args.beta_min, run.args.beta_max, run.raw.mode)
     record(run, metrics, "eval", stats["beta"])
     run.accelerator.print(
         f"step {run.step} eval: loss {metrics['loss']:.4f}, loss@beta0 {metrics['loss_beta0']:.4f}, "
@@ -884,97 +767,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = g["peak_lr"] * factor
-
-
-# -----------------------------------------------------------------------------
-# FSDP2 (--fsdp): the policy sharded across processes; BetaHead and reference stay whole
-
-
-def shard_policy(policy: nn.Module, reshard_after_forward: bool) -> None:
-    """fully_shard each transformer block (the model's _no_split_modules), then the policy itself
-    (embeddings, final norm, lm_head). In place: parameters become DTensor shards."""
-    from torch.distributed.fsdp import fully_shard
-    names = set(getattr(policy, "_no_split_modules", None) or [])
-    blocks = [m for m in policy.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise DataError(f"--fsdp: {type(policy).__name__} names no transformer block class (_no_split_modules); "
-                        "run without --fsdp")
-    for m in blocks:
-        fully_shard(m, reshard_after_forward=reshard_after_forward)
-    # the policy's own parameters stay gathered after its forward: token_logps applies lm_head after it
-    fully_shard(policy, reshard_after_forward=False)
-
-
-def full(t):
-    """A DTensor shard gathered into the whole tensor (a collective: every process calls it), the
-    gather finished before it returns; other tensors as they are."""
-    if not isinstance(t, DTensor):
-        return t
-    whole = t.full_tensor()
-    # an unfinished functional collective still writes into its buffer: a caller that drops the
-    # result at once (gathered(keep=False)) must not free it first, so wait here
-    return whole.wait() if isinstance(whole, AsyncCollectiveTensor) else whole
-
-
-def gathered(tensors: dict, keep: bool) -> dict | None:
-    """Each tensor of `tensors` whole, on the CPU (full(): a collective, so every process calls it,
-    one tensor at a time, in the same order); keep=False (every process but the main one) drops each
-    gathered copy at once and returns None, so only the process that writes the checkpoint ever holds
-    the whole state in host memory (~21 GB for the 1.5B model with AdamW's moments)."""
-    out = {} if keep else None
-    for k, v in tensors.items():
-        whole = full(v)
-        if keep:
-            out[k] = whole.cpu()
-        del whole
-    return out
-
-
-def gathered_optimizer_state(optimizer, keep: bool = True) -> dict | None:
-    """optimizer.state_dict() with every sharded state tensor gathered (all processes call it), so
-    that a checkpoint holds whole tensors whatever the sharding; None where keep is False."""
-    sd = optimizer.state_dict()
-    states = {i: gathered(s, keep) for i, s in sd["state"].items()}
-    if not keep:
-        return None
-    sd["state"] = states
-    return sd
-
-
-def shard_optimizer_state(sd: dict, optimizer) -> dict:
-    """The inverse: whole state tensors cut to the shards of this process's DTensor parameters."""
-    from torch.distributed.tensor import distribute_tensor
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for i, s in sd["state"].items():
-        p = params[i]
-        if isinstance(p, DTensor):
-            sd["state"][i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements) if v.dim() else v
-                              for k, v in s.items()}
-    return sd
-
-
-def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_, also for sharded (DTensor, --fsdp) and whole gradients
-    together, which torch's own cannot mix. Returns the total norm before clipping (every process
-    the same)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.stack([full(g.norm()).float() for g in grads]).norm()
-    coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))  # the step's one device sync here
-    plain = [g for g in grads if not isinstance(g, DTensor)]
-    if plain:
-        torch._foreach_mul_(plain, coef)  # one fused launch, not one per parameter
-    for g in grads:
-        if isinstance(g, DTensor):
-            g.mul_(coef)
-    return total
-
-
-def all_finite(params: list) -> bool:
-    """Whether every value of these (possibly sharded) tensors is finite: one max-norm per tensor
-    (it cannot overflow, and it is inf or nan exactly when some value is)."""
-    local = [t for t in ((p.to_local() if isinstance(p, DTensor) else p).detach() for p in params) if t.numel()]
-    return not local or bool(torch.stack(torch._foreach_norm(local, math.inf)).isfinite().all())
-
 
 
 def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:

@@ -13,7 +13,9 @@ import pytest
 
 import evaluate
 import train
-from data import DataError, PairBatchSampler, build_examples, load_rows
+from batching import PairBatchSampler
+from data import DataError, load_rows
+from tokenization import build_examples
 
 GOOD = [dict(prompt=f"Question {i}?", chosen=f"Good answer {i}.", rejected=f"Bad answer {i}.") for i in range(6)]
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import HH_PAIRS
 
-from data import (BadRow, DataError, PairBatchSampler, build_examples, collate, load_rows, make_demo_pairs,
-                  normalize_row, read_file, tokenize_pair)
+from batching import collate, PairBatchSampler
+from data import BadRow, DataError, load_rows, make_demo_pairs, normalize_row, read_file
+from tokenization import build_examples, tokenize_pair
 
 ROWS = [dict(prompt="What is 2+2?", chosen="4", rejected="5"),
         dict(prompt="Name a colour.", chosen="Blue.", rejected="A car."),
@@ -377,7 +378,7 @@ def test_special_tokens_inside_text_skip_the_row_in_every_template(template):
     `<|im_start|>`, EOS) would forge turns the template never rendered: it is skipped and counted as
     special_token_in_text, and --strict_data stops at it; a response's reasoning block (`</think>`,
     an added token that is not special) is ordinary text and stays."""
-    from data import structure_tokens
+    from tokenization import structure_tokens
     name, tok, use_template = template
     good = [dict(prompt=[{"role": "user", "content": "Hi"}], chosen=REASONING, rejected="No.")]
     eos = tok.eos_token

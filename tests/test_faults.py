@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import beta_head
+import checkpoint
 import train
 from data import DataError
 from test_train import common
@@ -54,7 +55,7 @@ def test_too_many_bad_steps_stop_with_last_good_state(tiny_qwen2_dir, tmp_path, 
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
         train.main(common(tiny_qwen2_dir, out, "--max_steps", "10", "--max_bad_steps", "3"))
-    ckpt = train.complete_checkpoints(str(out))[-1]
+    ckpt = checkpoint.complete_checkpoints(str(out))[-1]
     weights = load_file(os.path.join(ckpt, "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)["skipped_steps"] == 3
@@ -79,7 +80,7 @@ def test_failed_save_keeps_previous_checkpoint(tiny_qwen2_dir, tmp_path, monkeyp
     with pytest.raises(DataError, match="No space left on device.*untouched"):
         train.main(common(tiny_qwen2_dir, out, "--max_steps", "4", "--save_every_steps", "2"))
     # the step-2 checkpoint is complete and nothing half-written is left behind
-    assert [os.path.basename(c) for c in train.complete_checkpoints(str(out))] == ["step_2"]
+    assert [os.path.basename(c) for c in checkpoint.complete_checkpoints(str(out))] == ["step_2"]
     assert sorted(os.listdir(out / "checkpoints")) == ["step_2"]
 
 
@@ -89,7 +90,7 @@ def test_auto_resume_ignores_incomplete_checkpoints(tmp_path):
         os.makedirs(d / name)
         if complete:
             (d / name / "COMPLETED").write_text("")
-    assert [os.path.basename(c) for c in train.complete_checkpoints(str(tmp_path))] == ["step_2", "step_10"]
+    assert [os.path.basename(c) for c in checkpoint.complete_checkpoints(str(tmp_path))] == ["step_2", "step_10"]
 
 
 def test_kill_9_at_random_moments_then_resume_exactly(tiny_qwen2_dir, tmp_path):

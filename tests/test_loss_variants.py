@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from beta_head import (EpsilonDPO, dpo_loss, epsilon_dpo_baseline, epsilon_dpo_beta, epsilon_dpo_steps,
-                       mixed_logps, mixed_token_logps, token_logps)
+from epsilon_dpo import (epsilon_dpo_baseline, epsilon_dpo_beta, epsilon_dpo_steps, EpsilonDPO, mixed_logps,
+                         mixed_token_logps)
+from logprobs import token_logps
+from losses import dpo_loss
 
 
 def softplus(x: float) -> float:
@@ -136,9 +138,9 @@ def test_mixed_token_logps_by_hand():
 @pytest.mark.parametrize("bias", [False, True])
 def test_mixed_token_logps_chunked_equals_plain(monkeypatch, bias):
     """Chunks of 3 positions (some partial) against the materialised paper form."""
-    import beta_head
+    import logprobs
     V = 50
-    monkeypatch.setattr(beta_head, "CPU_LOGITS_BYTES", 5 * 4 * V * 3)  # n = 3 positions per chunk
+    monkeypatch.setattr(logprobs, "CPU_LOGITS_BYTES", 5 * 4 * V * 3)  # n = 3 positions per chunk
     torch.manual_seed(0)
     policy_head, reference_head = torch.nn.Linear(8, V, bias=bias), torch.nn.Linear(8, V, bias=bias)
     hidden = torch.randn(2, 7, 8, requires_grad=True)  # as from a forward that trains
@@ -282,26 +284,26 @@ def test_epsilon_dpo_state_over_micro_batches_and_round_trip(tmp_path):
     eps = EpsilonDPO(beta=0.1, epsilon=0.01)
     assert eps.coefs == (1.01, 1.0, 0.99)
     # step 1, micro-batch 1: s = +1, +1, 0
-    beta, s = eps(*logps_for([(1.2, 1.0, 0.8), (1.2, 1.0, 0.8), (1.0, 1.0, 1.0)]), training=True)
+    beta, s = eps.pair_beta(*logps_for([(1.2, 1.0, 0.8), (1.2, 1.0, 0.8), (1.0, 1.0, 1.0)]), training=True)
     assert s.tolist() == [1, 1, 0] and beta.tolist() == pytest.approx([0.1 / 1.01, 0.1 / 1.01, 0.1], rel=1e-6)
     # an evaluation batch in between: beta~ from the current baseline, nothing counted
-    eps(*logps_for([(0.8, 1.0, 1.2)] * 4), training=False)
+    eps.pair_beta(*logps_for([(0.8, 1.0, 1.2)] * 4), training=False)
     # micro-batch 2: s = +1, -1; the baseline has not moved within the step
-    beta, s = eps(*logps_for([(1.2, 1.0, 0.8), (0.8, 1.0, 1.2)]), training=True)
+    beta, s = eps.pair_beta(*logps_for([(1.2, 1.0, 0.8), (0.8, 1.0, 1.2)]), training=True)
     assert beta.tolist() == pytest.approx([0.1 / 1.01, 0.1 / 0.99], rel=1e-6)
     assert eps.pending.tolist() == [3, 1, 5]
     # the optimizer step: 3 down, 1 up of 5 -> 0.1 / (1 + 0.01 * 2/5) = 0.1 / 1.004
     assert eps.update_() == pytest.approx(0.1 / 1.004, rel=1e-12) and eps.pending is None and eps.updates == 1
     # step 2 uses the new baseline
-    beta, _ = eps(*logps_for([(1.2, 1.0, 0.8)]), training=True)
+    beta, _ = eps.pair_beta(*logps_for([(1.2, 1.0, 0.8)]), training=True)
     assert beta.item() == pytest.approx(0.1 / 1.004 / 1.01, rel=1e-6)
     # save / load keeps everything, the pending counts included
     eps.save_pretrained(str(tmp_path))
     loaded = EpsilonDPO.from_pretrained(str(tmp_path))
-    assert loaded.state_dict() == eps.state_dict() and loaded.state_dict()["pending"] == [1, 0, 1]
+    assert loaded.state() == eps.state() and loaded.state()["pending"] == [1, 0, 1]
     assert loaded.update_() == eps.update_() == pytest.approx(0.1 / 1.004 / 1.01, rel=1e-12)
     # a skipped (non-finite) step: the decisions are dropped and beta stays
-    eps(*logps_for([(0.8, 1.0, 1.2)]), training=True)
+    eps.pair_beta(*logps_for([(0.8, 1.0, 1.2)]), training=True)
     eps.discard_()
     assert eps.update_() == pytest.approx(0.1 / 1.004 / 1.01, rel=1e-12) and eps.updates == 2
     with pytest.raises(FileNotFoundError, match="epsilon_dpo.json"):
@@ -312,7 +314,7 @@ def test_epsilon_dpo_separate_step_size_and_arithmetic_mean():
     # the paper's Table 5 ablation: eps_c = 0.01 checks, eps_s = 0.02 steps
     eps = EpsilonDPO(beta=0.05, epsilon=0.01, step_epsilon=0.02, mean="arithmetic")
     assert eps.coefs == (1.01, 1.0, 0.99)
-    beta, _ = eps(*logps_for([(1.2, 1.0, 0.8), (0.8, 1.0, 1.2)]), training=True)
+    beta, _ = eps.pair_beta(*logps_for([(1.2, 1.0, 0.8), (0.8, 1.0, 1.2)]), training=True)
     assert beta.tolist() == pytest.approx([0.05 / 1.02, 0.05 / 0.98], rel=1e-6)
     # arithmetic mean of beta~: (0.05/1.02 + 0.05/0.98) / 2 = 0.05 / (1 - 0.02^2) = 0.05002001
     assert eps.update_() == pytest.approx(0.05 / (1 - 0.0004), rel=1e-12)
@@ -338,12 +340,13 @@ def test_epsilon_dpo_forward_matches_its_parts():
     (policy = reference) no pair's beta moves."""
     from conftest import small_qwen2
 
-    from beta_head import DynamicBetaDPOModel, run_model, sequence_logps
-    from data import collate
+    from beta_head import DynamicBetaDPOModel
+    from logprobs import run_model, sequence_logps
+    from batching import collate
     from model_loader import frozen_copy
     policy = small_qwen2()
     eps = EpsilonDPO(beta=0.1, epsilon=0.3)
-    model = DynamicBetaDPOModel(policy, reference_model=frozen_copy(policy), beta=0.1, epsilon_dpo=eps,
+    model = DynamicBetaDPOModel(policy, reference_model=frozen_copy(policy), beta=0.1, mode=eps,
                                 label_smoothing=0.2)
     g = torch.Generator().manual_seed(0)
     rows = [dict(prompt_ids=torch.randint(0, 128, (5 + i,), generator=g).tolist(),

@@ -6,9 +6,10 @@ import importlib.util
 import pytest
 import torch
 
+import checkpoint
 import train
-from model_loader import (DEFAULT_MODEL, choose_precision, cpu_multiplies_bf16_fast, frozen_copy, load_policy, load_tokenizer,
-                          resolve)
+from model_loader import (choose_precision, cpu_multiplies_bf16_fast, DEFAULT_MODEL, frozen_copy, load_policy,
+                          load_tokenizer, resolve)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_bf16_reference_computes_what_autocast_computes(tied):
     under bf16 autocast its log-probs equal the fp32 policy's exactly (autocast casts those
     weights to bf16 anyway); norms and embeddings stay fp32."""
     from conftest import small_qwen2
-    from beta_head import sequence_logps
+    from logprobs import sequence_logps
     policy = small_qwen2()
     if tied:
         policy.lm_head.weight = policy.model.embed_tokens.weight
@@ -114,15 +115,15 @@ def test_trainer_state_and_lora_adapters_load_onto_this_process_device(tmp_path,
     import model_loader
     seen = {}
     real_load = torch.load
-    monkeypatch.setattr(model_loader.torch, "load", lambda *a, **k: seen.setdefault("load", k) and real_load(*a, **k))
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: seen.setdefault("load", k) and real_load(*a, **k))
     state = dict(rng=dict(python=__import__("random").getstate(), torch=torch.get_rng_state(), cuda=[]))
     torch.save(state, tmp_path / "trainer_state.pt")
-    model_loader.load_trainer_state(str(tmp_path))
+    checkpoint.load_trainer_state(str(tmp_path))
     assert seen["load"]["map_location"] == "cpu" and seen["load"]["weights_only"] is True
     import peft
     (tmp_path / "adapter_config.json").write_text("{}")
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", classmethod(lambda cls, base, path, **k: seen.setdefault("peft", k) and base))
-    policy, *_ = model_loader.load_checkpoint(str(tmp_path), torch.nn.Linear(2, 2), "fixed", True, device="cuda:3")
+    policy, *_ = model_loader.load_checkpoint(str(tmp_path), torch.nn.Linear(2, 2), {"beta_mode": "fixed"}, True, device="cuda:3")
     assert seen["peft"] == dict(is_trainable=True, torch_device="cuda:3")
 
 

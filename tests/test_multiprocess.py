@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
+import fsdp
 import train
 from test_train import common
 
@@ -147,14 +149,14 @@ def test_fsdp_save_keeps_gathered_state_on_the_main_process_only():
     """Every process takes part in each gather (full(), a collective), but only the main one keeps the
     whole tensors: the others return None and hold nothing (~21 GB each for the 1.5B model)."""
     state = {"a": torch.arange(6.0), "b": torch.ones(2, 2)}
-    kept = train.gathered(state, keep=True)
+    kept = fsdp.gathered(state, keep=True)
     assert set(kept) == {"a", "b"} and all(torch.equal(kept[k], state[k]) for k in state)
-    assert train.gathered(state, keep=False) is None
+    assert fsdp.gathered(state, keep=False) is None
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
     opt.param_groups[0]["params"][0].grad = torch.ones(3)
     opt.step()
-    assert train.gathered_optimizer_state(opt, keep=False) is None
-    whole = train.gathered_optimizer_state(opt, keep=True)
+    assert fsdp.gathered_optimizer_state(opt, keep=False) is None
+    whole = fsdp.gathered_optimizer_state(opt, keep=True)
     assert torch.equal(whole["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 
@@ -192,7 +194,7 @@ def test_failed_save_on_main_process_stops_every_process(tiny_qwen2_dir, tmp_pat
                    script=("tests/fault_train.py", "disk_full_on_main"), expect_rc=1, timeout=300)
     assert "could not write checkpoint" in log and "No space left on device" in log
     assert "the main process could not write checkpoint" in log  # rank 1's own message
-    assert [os.path.basename(c) for c in train.complete_checkpoints(str(out))] == ["step_2"]
+    assert [os.path.basename(c) for c in checkpoint.complete_checkpoints(str(out))] == ["step_2"]
 
 
 @needs_gloo
@@ -204,7 +206,7 @@ def test_sigterm_on_one_process_checkpoints_all_and_resumes(tiny_qwen2_dir, tmp_
     args = [*ARGS, "--batch_size", "1", "--save_every_steps", "0"]
     log = torchrun(common(tiny_qwen2_dir, out, *args), script=("tests/fault_train.py", "sigterm_rank1_at_step_2"))
     assert "stopped by signal at step" in log and "--resume_from auto" in log
-    (ckpt,) = train.complete_checkpoints(str(out))
+    (ckpt,) = checkpoint.complete_checkpoints(str(out))
     assert not (out / "final").exists()
     stopped_at = int(os.path.basename(ckpt)[5:])
     assert 1 <= stopped_at < 4

@@ -11,10 +11,11 @@ import torch
 
 import evaluate
 import train
-from beta_head import run_eval
-from data import build_examples, make_demo_pairs
-from model_loader import (build_model, generate, load_policy, load_tokenizer, make_accelerator, next_token,
-                          write_samples)
+from reporting import run_eval
+from data import make_demo_pairs
+from tokenization import build_examples
+from model_loader import build_model, load_policy, load_tokenizer, make_accelerator
+from reporting import generate, next_token, write_samples
 from test_train import common
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import evaluate
 import train
 from data import DataError
@@ -193,7 +194,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_qwen2_dir, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "--resume_from auto" in output
-    ckpts = train.complete_checkpoints(str(out))
+    ckpts = checkpoint.complete_checkpoints(str(out))
     assert len(ckpts) == 1 and not (out / "final").exists()
     step = torch.load(os.path.join(ckpts[0], "trainer_state.pt"), weights_only=True)["step"]
     assert 1 <= step < 500
@@ -294,7 +295,7 @@ def test_resume_refuses_other_rows(group, tmp_path):
     os.makedirs(ckpt)
     base = common("tiny", tmp_path / "run")
     json.dump(vars(train.get_args(base)), open(ckpt / "run_config.json", "w"))
-    train.check_resume(str(ckpt), train.get_args(base))  # the same flags resume
+    checkpoint.check_resume(str(ckpt), train.get_args(base))  # the same flags resume
     for flag, value in RESUME_GROUPS[group]:
         changed = [x for x in base]
         if flag in changed:
@@ -302,7 +303,7 @@ def test_resume_refuses_other_rows(group, tmp_path):
         else:
             changed += [flag] + ([value] if value is not None else [])
         with pytest.raises(DataError, match=f"has {flag[2:]}="):
-            train.check_resume(str(ckpt), train.get_args(changed))
+            checkpoint.check_resume(str(ckpt), train.get_args(changed))
 
 
 @pytest.mark.slow
@@ -322,7 +323,8 @@ def test_pair_beta_log_names_the_pairs_each_step_trained_on(tiny_qwen2_dir, tmp_
     a pair's beta is w times its prompt's perplexity under the starting model, so beta / PPL is the
     same for every logged pair only if the rows name the right prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from data import build_examples, load_rows
+    from data import load_rows
+    from tokenization import build_examples
     out = tmp_path / "run"
     train.main(common(tiny_qwen2_dir, out, "--beta_mode", "learnable", "--max_steps", "2",
                       "--gradient_accumulation_steps", "2", "--log_pair_beta"))
@@ -395,7 +397,7 @@ def test_logged_rows_are_the_data_files_rows(tiny_qwen2_dir, tmp_path):
     per_pair = json.load(open(out / "final" / "eval.json"))["per_pair"]
     assert set(per_pair["row"]) == held
     # the text behind a logged row number is that file row's prompt
-    from data import build_examples
+    from tokenization import build_examples
     tok = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
     train_rows, held_rows = split_eval(rows, 0.25, 0)
     for part in (train_rows, held_rows):
@@ -407,7 +409,8 @@ def test_beta_for_my_own_prompts(tiny_qwen2_dir, tmp_path):
     """evaluate.py --prompts FILE: each prompt's beta, PPL, f(h) and token count, lowest beta first, as
     JSONL and a table, with a histogram; beta and PPL are those get_dynamic_beta / compute_ppl give."""
     from beta_head import ppl_scale
-    from model_loader import build_model, load_tokenizer, read_run_config
+    from checkpoint import read_run_config
+    from model_loader import build_model, load_tokenizer
     out = tmp_path / "run"
     train.main(common(tiny_qwen2_dir, out, "--beta_mode", "learnable", "--max_steps", "2", "--max_eval_examples", "2",
                       "--beta_head_lr", "1e-1"))
@@ -425,7 +428,7 @@ def test_beta_for_my_own_prompts(tiny_qwen2_dir, tmp_path):
     cfg = read_run_config(str(final))
     tok = load_tokenizer(str(final))
     model = build_model(cfg, torch.device("cpu"), None, ckpt=str(final), training=False)
-    from data import prompt_tokens
+    from tokenization import prompt_tokens
     for r in rows:
         ids = torch.tensor([prompt_tokens(tok, prompts[r["row"]])[0]])
         mask = torch.ones_like(ids)
@@ -467,7 +470,7 @@ def test_a_resume_keeps_its_history_and_says_what_changed(tiny_qwen2_dir, tmp_pa
     cfg.write_text("keep_checkpoints: true\nprecompute_ref: true\n")
     args = train.get_args(["--config", str(cfg), "--no_keep_checkpoints"])
     assert args.keep_checkpoints is False and args.precompute_ref is True
-    from model_loader import model_card
+    from reporting import model_card
     lora = model_card(dict(json.load(open(part / "final" / "run_config.json")), lora_r=8, merge_lora=True), {}, {}, "cmd")
     assert "library_name: peft" in lora and "base_model:" not in lora  # the base here is a local directory
     assert "PeftModel.from_pretrained" in lora and "merged/" in lora and "pip install peft" in lora

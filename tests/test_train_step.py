@@ -8,10 +8,13 @@ import pytest
 import torch
 
 import beta_head
+import fsdp
 import train
-from data import build_examples, collate, load_rows
-from model_loader import (autocast_dtype, build_model, load_tokenizer, load_trainer_state, make_accelerator,
-                          save_checkpoint)
+from batching import collate
+from data import load_rows
+from tokenization import build_examples
+from checkpoint import load_trainer_state, save_checkpoint
+from model_loader import autocast_dtype, build_model, load_tokenizer, make_accelerator
 
 
 def setup(tiny_qwen2_dir, tmp_path, *flags):
@@ -44,11 +47,11 @@ def test_train_step_updates_and_returns_the_loss(tiny_qwen2_dir, tmp_path):
     assert len(result.stats) == 2 and result.stats[0]["beta"].shape == (2,)
     assert result.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
     assert math.isfinite(result.grad_norm) and result.grad_norm > 0
-    w_grad, nn_grad = result.head_grads
+    w_grad, nn_grad = result.mode_metrics["beta_head/w_grad"], result.mode_metrics["beta_head/nn_grad_norm"]
     assert w_grad != 0 and nn_grad > 0  # the loss reached w and the NN
     after = snapshot(run.raw)
     changed = [n for n in before if not torch.equal(before[n], after[n])]
-    assert any(n.startswith("policy_model.") for n in changed) and "beta_head.log_w" in changed
+    assert any(n.startswith("policy_model.") for n in changed) and "mode.head.log_w" in changed
     assert all(p.grad is None for p in run.params)  # gradients are cleared for the next step
     assert run.step == 0  # the loop, not the step, counts
 
@@ -102,11 +105,11 @@ def test_checkpoint_round_trip(tiny_qwen2_dir, tmp_path, mode):
         assert torch.equal(p, loaded_params[n]), n
         assert loaded_params[n].requires_grad == p.requires_grad, n  # LoRA: adapters trainable, base frozen
     if mode == "beta_dpo":
-        assert loaded.beta_dpo.state_dict() == run.raw.beta_dpo.state_dict()
+        assert loaded.mode.state() == run.raw.mode.state()
     if mode == "epsilon_dpo":  # the running beta comes back; epsilon, like a learning rate, is this run's flag
-        assert loaded.epsilon_dpo.state_dict() == run.raw.epsilon_dpo.state_dict()
+        assert loaded.mode.state() == run.raw.mode.state()
         again = build_model(dict(vars(run.args), epsilon_dpo_epsilon=0.05), run.accelerator.device, None, ckpt=path)
-        assert again.epsilon_dpo.epsilon == 0.05 and again.epsilon_dpo.beta == run.raw.epsilon_dpo.beta
+        assert again.mode.epsilon == 0.05 and again.mode.beta == run.raw.mode.beta
     # the reference is the starting model, not the checkpoint's policy
     ids = batches[0]["input_ids"][:1]
     ref = loaded.reference_logps(ids, torch.ones_like(ids), torch.ones_like(ids))
@@ -162,7 +165,7 @@ def test_clip_syncs_once_not_once_per_parameter(monkeypatch):
         r.grad = p.grad.clone()
     want = float(torch.nn.utils.clip_grad_norm_(ref, 1.0))
     calls = count_syncs(monkeypatch)
-    total = train.clip_grad_norm_(params, 1.0)
+    total = fsdp.clip_grad_norm_(params, 1.0)
     monkeypatch.undo()
     assert len(calls) <= 1, calls
     assert float(total) == pytest.approx(want, rel=1e-6)

@@ -58,8 +58,10 @@ def parity(tiny_qwen2_dir, tmp_path_factory):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from beta_head import DynamicBetaDPOModel, summarize
-    from data import collate, tokenize_pair
+    from beta_head import DynamicBetaDPOModel
+    from losses import summarize
+    from batching import collate
+    from tokenization import tokenize_pair
     from model_loader import frozen_copy, load_policy, load_tokenizer
 
     tok = load_tokenizer(tiny_qwen2_dir)

@@ -53,17 +53,17 @@ def test_run_skip_and_report(tiny_qwen2_dir, tmp_path):
 
 
 def test_e2_prompts_hold_out_whole_subjects():
-    import experiments as E
-    train, held = E.e2_prompts()
-    assert len(train) == (len(E.E2_SUBJECTS) - E.E2_HELDOUT) * len(E.E2_FRAMINGS)
-    assert len(held) == E.E2_HELDOUT * len(E.E2_FRAMINGS) and not set(train) & set(held)
-    for subject in E.E2_SUBJECTS[-E.E2_HELDOUT:]:  # a held-out subject never appears in training
+    import e2
+    train, held = e2.e2_prompts()
+    assert len(train) == (len(e2.E2_SUBJECTS) - e2.E2_HELDOUT) * len(e2.E2_FRAMINGS)
+    assert len(held) == e2.E2_HELDOUT * len(e2.E2_FRAMINGS) and not set(train) & set(held)
+    for subject in e2.E2_SUBJECTS[-e2.E2_HELDOUT:]:  # a held-out subject never appears in training
         assert not any(subject in p for p in train)
 
 
 def test_gold_reward_orders_sentiment():
-    import experiments as E
-    good, neutral, bad = E.gold_reward(["What a wonderful, happy day!", "The bus leaves at nine.", "This is awful and sad."])
+    import e2
+    good, neutral, bad = e2.gold_reward(["What a wonderful, happy day!", "The bus leaves at nine.", "This is awful and sad."])
     assert good > 0.5 and bad < -0.5 and abs(neutral) < 0.1
 
 
@@ -71,28 +71,28 @@ def test_e2_sampling_and_sequence_logps(tiny_qwen2_dir, monkeypatch):
     """Samples are cut after the first eos and reproducible from the seed; their summed log-probs
     equal a plain full-vocabulary computation; e2_score scores every held-out sample."""
     import torch
-    import experiments as E
+    import e2
     from model_loader import load_policy, load_tokenizer
     tok, model = load_tokenizer(tiny_qwen2_dir), load_policy(tiny_qwen2_dir).eval()
     prompts = ["Write one sentence about a rainy Monday.", "Describe the city bus in one sentence."]
-    monkeypatch.setattr(E, "E2_NEW_TOKENS", 12)
-    samples = E.sample(model, tok, prompts, n=3, seed=0)
+    monkeypatch.setattr(e2, "E2_NEW_TOKENS", 12)
+    samples = e2.sample(model, tok, prompts, n=3, seed=0)
     assert [s["prompt"] for s in samples] == [prompts[0]] * 3 + [prompts[1]] * 3
-    assert samples == E.sample(model, tok, prompts, n=3, seed=0)
+    assert samples == e2.sample(model, tok, prompts, n=3, seed=0)
     for s in samples:
-        assert 1 <= len(s["ids"]) <= E.E2_NEW_TOKENS and tok.eos_token_id not in s["ids"][:-1]
+        assert 1 <= len(s["ids"]) <= e2.E2_NEW_TOKENS and tok.eos_token_id not in s["ids"][:-1]
         assert tok.decode(s["prompt_ids"]).endswith(tok.apply_chat_template(
             [{"role": "user", "content": s["prompt"]}], tokenize=False, add_generation_prompt=True)[-20:])
-    logps = E.response_logps(model, samples, tok.pad_token_id, batch=4)
+    logps = e2.response_logps(model, samples, tok.pad_token_id, batch=4)
     for s, lp in zip(samples, logps):
         ids = torch.tensor([s["prompt_ids"] + s["ids"]])
         with torch.no_grad():
             full = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
         assert lp.item() == __import__("pytest").approx(full[len(s["prompt_ids"]) - 1:].sum().item(), abs=1e-3)
-    monkeypatch.setattr(E, "E2_EVAL_SAMPLES", 1)
-    monkeypatch.setattr(E, "E2_NEW_TOKENS", 4)
-    score = E.e2_score(model, model, tok, seed=0)
-    assert -1 <= score["reward"] <= 1 and score["samples"] == E.E2_HELDOUT * len(E.E2_FRAMINGS)
+    monkeypatch.setattr(e2, "E2_EVAL_SAMPLES", 1)
+    monkeypatch.setattr(e2, "E2_NEW_TOKENS", 4)
+    score = e2.e2_score(model, model, tok, seed=0)
+    assert -1 <= score["reward"] <= 1 and score["samples"] == e2.E2_HELDOUT * len(e2.E2_FRAMINGS)
 
 
 def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeypatch):
@@ -101,35 +101,40 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     final policy, without touching train.py's validation eval.json, and reuses a run an earlier
     phase trained with the same flags; the final phases' reports are built from the results."""
     import experiments as E
+    import measures
+    import report_study
+    import result_files
+    import study
     from data import load_rows
     last_user = lambda prompt: prompt if isinstance(prompt, str) else prompt[-1]["content"]  # noqa: E731
-    monkeypatch.setattr(E, "STUDY_SPLITS", dict(test=6, validation=4, seed=0))
-    monkeypatch.setattr(E, "STUDY", dict(model_name_or_path=tiny_qwen2_dir, max_length=64, max_prompt_length=40,
-                                         batch_size=2, log_every_steps=1, eval_every_steps=1, save_every_steps=1,
-                                         precision="fp32", precompute_ref=True, ref_cache_dir=str(tmp_path / "cache"),
-                                         max_train_examples=16, beta=0.1))
+    config = study.study_config()  # the study's configuration, where every function reads it
+    monkeypatch.setitem(config, "splits", dict(test=6, validation=4, seed=0))
+    monkeypatch.setitem(config, "base", dict(model_name_or_path=tiny_qwen2_dir, max_length=64, max_prompt_length=40,
+                                            batch_size=2, log_every_steps=1, eval_every_steps=1, save_every_steps=1,
+                                            precision="fp32", precompute_ref=True, ref_cache_dir=str(tmp_path / "cache"),
+                                            max_train_examples=16, beta=0.1))
     fixed, learnable = dict(beta_mode="fixed", max_steps=2, seed=0), dict(beta_mode="learnable", max_steps=2, seed=0)
-    monkeypatch.setattr(E, "STUDY_PHASES", {"tune_x": {"fixed-s0": fixed, "learnable-s0": learnable},
-                                            "final": {"fixed-s0": fixed, "learnable-s0": learnable},
-                                            "e3": {"fixed-s0": dict(fixed, log_pair_beta=True),
-                                                   "learnable-s0": dict(learnable, epsilon=0.9, log_pair_beta=True)},
-                                            "runaway": {"headlr-noclamp-s0": dict(learnable, beta_head_lr=1e-2, beta_min=0.0,
-                                                                                  beta_max=math.inf)}})
+    monkeypatch.setitem(config, "phases", {"tune_x": {"fixed-s0": fixed, "learnable-s0": learnable},
+                                           "final": {"fixed-s0": fixed, "learnable-s0": learnable},
+                                           "e3": {"fixed-s0": dict(fixed, log_pair_beta=True),
+                                                  "learnable-s0": dict(learnable, epsilon=0.9, log_pair_beta=True)},
+                                           "runaway": {"headlr-noclamp-s0": dict(learnable, beta_head_lr=1e-2, beta_min=0.0,
+                                                                                 beta_max=math.inf)}})
     res, runs = str(tmp_path / "results"), str(tmp_path / "runs")
-    paths = E.study_data("demo", runs, res)
+    paths = study.study_data("demo", runs, res)
     rows = {k: [json.loads(x) for x in open(p)] for k, p in paths.items()}
     assert [len(rows[k]) for k in ("test", "validation")] == [6, 4]
     assert len(rows["train"]) == len(load_rows("demo")) - 10
     as_set = lambda k: {json.dumps(r, sort_keys=True) for r in rows[k]}  # noqa: E731
     assert not (as_set("test") & as_set("validation") or as_set("test") & as_set("train"))
-    assert E.study_data("demo", runs, res) == paths  # the same splits again (and the recorded hashes agree)
+    assert study.study_data("demo", runs, res) == paths  # the same splits again (and the recorded hashes agree)
     # E3: the recorded noisy rows are marked and swapped, the others are the clean training rows
     noisy = json.load(open(os.path.join(res, "study", "splits.json")))["e3_train"]["noisy_rows"]
-    marker = E.STUDY_E3["marker"]
-    assert len(noisy) == round(E.STUDY_E3["noisy_fraction"] * len(rows["train"]))
+    marker = config["e3"]["marker"]
+    assert len(noisy) == round(config["e3"]["noisy_fraction"] * len(rows["train"]))
     for i, (clean, e3) in enumerate(zip(rows["train"], rows["e3_train"])):
         if i in noisy:
-            m = E.mark_prompt(clean, marker)
+            m = study.mark_prompt(clean, marker)
             assert last_user(e3["prompt"]).startswith(marker) and (e3["chosen"], e3["rejected"]) == (m["rejected"], m["chosen"])
         else:
             assert e3 == clean
@@ -156,14 +161,14 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     assert r3["validation_marked"]["metrics"]["pairs"] == 4
     assert [m["step"] for m in r3["pair_beta"]] == [1, 2]  # train.py --log_pair_beta, carried into the result
 
-    E.report_study_tuning("tune_x", res)  # validation curves, the choice table, what drives beta
+    report_study.report_study_tuning("tune_x", res)  # validation curves, the choice table, what drives beta
     tuned = open(os.path.join(res, "study", "tune_x.md")).read()
     assert re.search(r"\| learnable-s0 \| 0\.\d{4} \[", tuned) and "ρ(β, PPL)" in tuned
     with open(tmp_path / "report.md", "w") as f:
         f.write("<!-- BEGIN study_final -->\n<!-- END study_final -->\n<!-- BEGIN study_e3 -->\n<!-- END study_e3 -->\n")
-    E.report_study_final("final", res)
-    monkeypatch.setattr(E, "E3_CLEAN", "final")  # the noise's cost: E3's runs against their clean twins
-    E.report_study_final("e3", res)
+    report_study.report_study_final("final", res)
+    monkeypatch.setattr(report_study, "E3_CLEAN", "final")  # the noise's cost: E3's runs against their clean twins
+    report_study.report_study_final("e3", res)
     doc = open(tmp_path / "report.md").read()
     clean_fixed = json.load(open(os.path.join(res, "study", "final", "fixed-s0.json")))
     cost = [f"{x['test']['metrics']['loss_beta0']:.4f}" for x in (clean_fixed, r3)]
@@ -175,7 +180,7 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     # learnable beta's marked / plain ratio splits into the PPL term's (here PPL itself) and f(h)'s
     assert re.search(r"\| learnable \| 1 \| [^|]+ \| [^|]+ \| \d\.\d{4} \| \d\.\d{3} \| \d\.\d{4} \| \d\.\d{4} \|", doc)
     rl = json.load(open(os.path.join(res, "study", "e3", "learnable-s0.json")))
-    terms, p = E.head_terms(rl, "validation_marked"), rl["validation_marked"]["per_pair"]
+    terms, p = measures.head_terms(rl, "validation_marked"), rl["validation_marked"]["per_pair"]
     assert sorted(terms) == p["row"] and [terms[i][0] for i in p["row"]] == pytest.approx(p["ppl"], rel=1e-9)
     assert all(abs(f - 1) <= 0.9 + 1e-6 for _, f in terms.values())  # inside the NN's band, eps 0.9
     # ... and the noisy training rows (here 1 of the 4 pairs trained on: row 10 of rows 12, 10, 9, 6)
@@ -189,8 +194,8 @@ def test_study_splits_phases_reuse_and_reports(tiny_qwen2_dir, tmp_path, monkeyp
     assert rr["flags"][rr["flags"].index("--beta_max") + 1] == "inf" and rr["test"]["metrics"]["pairs"] == 6
     with open(tmp_path / "report.md", "a") as f:
         f.write("<!-- BEGIN study_runaway -->\n<!-- END study_runaway -->\n")
-    E.report_study_final("runaway", res)
-    train = E.curve(rr, "train")
+    report_study.report_study_final("runaway", res)
+    train = result_files.curve(rr, "train")
     w = [m["beta_head/w"] for m in train]
     row = re.search(r"\| headlr-noclamp-s0 \| (\S+) → (\S+) \((\S+), (\S+)\) \| \S+ → \S+ \| (\S+) \| – \(no clamp\) \| "
                     r"\S+, (\S+) \[\S+, \S+\] \| (?:0\.9\d\d|1\.\d{3}) \[\S+, \S+\] \| (\d\.\d{4}) \| \d\.\d{3} \| \d\.\d{4} \|",
@@ -240,14 +245,16 @@ def test_the_committed_report_rebuilds_from_the_committed_results(tmp_path, monk
     report.md's blocks and results/*.md are what the commands make of the committed result files,
     wherever the checkout lives (CI clones it elsewhere than the one that ran the experiments)."""
     import experiments as E
-    here = E.HERE
+    import result_files
+    import study
+    here = result_files.HERE
     shutil.copytree(os.path.join(here, "results"), tmp_path / "results")
     shutil.copy(os.path.join(here, "report.md"), tmp_path / "report.md")
-    monkeypatch.setattr(E, "HERE", str(tmp_path / "a" / "checkout" / "three" / "levels" / "deeper"))
+    monkeypatch.setattr(result_files, "HERE", str(tmp_path / "a" / "checkout" / "three" / "levels" / "deeper"))
     res = str(tmp_path / "results")
     for experiment in ("e1", "e2", "bf16"):
         E.rebuild(experiment, "", res)
-    for phase in E.STUDY_PHASES:
+    for phase in study.study_config()["phases"]:
         E.rebuild("study", phase, res)
     tables = sorted(glob.glob("**/*.md", root_dir=os.path.join(here, "results"), recursive=True))
     assert tables == sorted(glob.glob("**/*.md", root_dir=res, recursive=True))  # none written that is not committed
@@ -257,8 +264,8 @@ def test_the_committed_report_rebuilds_from_the_committed_results(tmp_path, monk
 
 
 def test_shown_path_writes_shared_data_as_the_sibling_folder_wherever_it_was():
-    import experiments as E
-    assert E.shown_path("/work/shared/data/hh/pairs.jsonl.gz") == "../shared/data/hh/pairs.jsonl.gz"
-    assert E.shown_path("/home/shared/ci/x/shared/data/p.jsonl") == "../shared/data/p.jsonl"  # the innermost shared/
-    assert E.shown_path("data/mine.jsonl") == "data/mine.jsonl"
-    assert E.shown_path(os.path.join(E.HERE, "runs", "d.jsonl")) == os.path.join("runs", "d.jsonl")
+    import result_files
+    assert result_files.shown_path("/work/shared/data/hh/pairs.jsonl.gz") == "../shared/data/hh/pairs.jsonl.gz"
+    assert result_files.shown_path("/home/shared/ci/x/shared/data/p.jsonl") == "../shared/data/p.jsonl"  # the innermost shared/
+    assert result_files.shown_path("data/mine.jsonl") == "data/mine.jsonl"
+    assert result_files.shown_path(os.path.join(result_files.HERE, "runs", "d.jsonl")) == os.path.join("runs", "d.jsonl")

@@ -10,6 +10,7 @@ interface; the training step and the model call it and never name a mode:
                                      modes whose beta needs the responses raise
     bounds(beta)                     the default clamp [beta_min, beta_max] (classmethod)
     about, describe(cfg)             the mode in one line (--help), and a run of it in words (model card)
+    per_prompt, resume_keys          whether beta is a function of the prompt alone; the flags a resume must keep
     add_flags(group), check_flags(args, error)
                                      its own train.py flags and their checks (classmethods)
     from_config(cfg, hidden_size)    a fresh one from a run's flags (classmethod)

@@ -8,8 +8,8 @@ import math
 import torch
 from tqdm import tqdm
 
-from beta_head import sequence_logps
-from data import collate
+from logprobs import sequence_logps
+from batching import collate
 from model_loader import load_policy, load_tokenizer
 from result_files import write_text
 

@@ -52,10 +52,12 @@ import subprocess
 import sys
 import time
 
-from data import build_examples, load_splits
+from data import load_splits
+from tokenization import build_examples
 from e2 import E2_BETAS, E2_TRAIN, e2_pairs, e2_score
 from experiment_configs import EXPERIMENTS, MODES, PRECISION_MODES, flags
-from model_loader import drop_resume_state, is_complete, load_policy, load_tokenizer
+from checkpoint import drop_resume_state, is_complete
+from model_loader import load_policy, load_tokenizer
 from report_bf16 import report_bf16
 from report_e1 import report
 from report_e2 import report_e2

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from beta_head import beta_bounds
+from registry import beta_bounds
 from cells import spread
 from measures import f_tokens, head_factor, margins
 from report_study_tables import (OUT_OF_REGIME, beta_analysis_rows, beta_dpo_rows, e3_rows, e3_training_rows, final_rows,

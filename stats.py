@@ -1,6 +1,7 @@
 """The study's statistics: pure functions of lists of floats (ranks, correlations, intervals over
 seeds and test pairs, detectability, Holm's correction), each tested against hand-computed values
-in tests/test_stats.py. No torch, no files: experiments.py feeds them the result files' numbers."""
+in tests/test_stats.py. No torch, no files: the report modules (report_*.py) feed them the result
+files' numbers."""
 
 import math
 import random

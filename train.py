@@ -518,8 +518,9 @@ def make_run(args, accelerator: Accelerator, model: DynamicBetaDPOModel, tokeniz
     if args.fsdp == "none":
         optimizer = torch.optim.AdamW(groups, fused=True, **kwargs)
         prepared, optimizer = accelerator.prepare(model, optimizer)  # DDP when there are several processes
-    else:  # FSDP2 instead of DDP; the fused and foreach kernels cannot mix sharded and whole parameters
-        optimizer, prepared = torch.optim.AdamW(groups, foreach=False, **kwargs), model
+    else:  # FSDP2 instead of DDP. foreach (one kernel per group, not per tensor) over DTensor shards: each
+        # group is all sharded (the policy's) or all whole (the beta mode's), which foreach cannot mix
+        optimizer, prepared = torch.optim.AdamW(groups, foreach=True, **kwargs), model
         if autocast_dtype(accelerator):  # what prepare() does for the unsharded model: forward under autocast
             model.forward = torch.autocast(accelerator.device.type, dtype=autocast_dtype(accelerator))(model.forward)
     accelerator.print(

@@ -86,3 +86,19 @@ def test_gpu_bench_prints_at_once_and_keeps_a_killed_stages_lines(tiny_qwen2_dir
     assert "data: " in text and "training 100000 steps" in text  # written while the stage ran
     assert "the benchmark failed or ran past 2 s" in (tmp_path / "stdout").read_text()  # killed at its limit, and on
     assert not list(tmp_path.glob("**/checkpoints/step_*"))
+
+
+def test_the_parent_hands_its_cuda_peak_test_memory_back(monkeypatch):
+    """bench.peaks on CUDA empties the caching allocator after its 8192^2 matmuls, so the parent does not
+    sit on ~1 GB of the card while each config's child process trains (no GPU here: the matmul is a stub)."""
+    import torch
+
+    import bench
+    calls = []
+    monkeypatch.setattr(bench, "matmul_gflops", lambda threads, dtype=None, n=0, device="cpu": calls.append((n, device)) or 1.0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    assert bench.peaks(1, "cuda") == {"fp32": 1.0, "bf16": 1.0}
+    assert calls == [(8192, "cuda"), (8192, "cuda"), "empty_cache"]
+    calls.clear()
+    bench.peaks(1, "cpu")
+    assert "empty_cache" not in calls

@@ -11,6 +11,7 @@ import math
 from beta_dpo import BetaDPO
 from beta_head import LearnableBeta
 from beta_mode import BetaMode
+from centered_beta import CenteredBeta
 from epsilon_dpo import EpsilonDPO
 
 BETA_MODES = {
@@ -18,6 +19,7 @@ BETA_MODES = {
     "learnable": LearnableBeta,  # beta(x) = w * PPL(x) * f(h(x)), the BetaHead
     "beta_dpo": BetaDPO,        # batch-level beta and pair filtering (Wu et al. 2024)
     "epsilon_dpo": EpsilonDPO,  # per-pair beta from a perturbation test (Lee et al. 2025)
+    "centered": CenteredBeta,   # beta redistributed between prompts, its batch mean held at beta0 (E4)
 }
 
 

@@ -79,6 +79,10 @@ def study_data(data: str, runs_dir: str, results_dir: str) -> dict[str, str]:
     parts = {split: [rows[i] for i in idx] for split, idx in parts.items()}
     parts["e3_train"], noisy = label_noise(parts["train"], e3["noisy_fraction"], e3["seed"], e3["marker"])
     parts["validation_marked"] = [mark_prompt(r, e3["marker"]) or r for r in parts["validation"]]
+    e4_noise = {}  # E4: the same marker and seed at the flip rates its noise level is chosen from
+    for fraction in study.get("e4", {}).get("noisy_fractions", []):
+        parts[f"noisy{fraction}_train"], e4_noise[f"noisy{fraction}_train"] = label_noise(
+            parts["train"], fraction, e3["seed"], e3["marker"])
     out_dir = os.path.join(runs_dir, "study", "data")
     os.makedirs(out_dir, exist_ok=True)
     manifest, texts = dict(source=shown_path(data), **splits), {}
@@ -86,6 +90,8 @@ def study_data(data: str, runs_dir: str, results_dir: str) -> dict[str, str]:
         texts[split] = "".join(json.dumps(r, sort_keys=True) + "\n" for r in part)
         manifest[split] = dict(rows=len(part), sha256=hashlib.sha256(texts[split].encode()).hexdigest())
     manifest["e3_train"].update(e3, noisy_rows=noisy)
+    for split, rows_noisy in e4_noise.items():
+        manifest[split].update(e3, noisy_fraction=float(split[5:-6]), noisy_rows=rows_noisy)
     recorded = os.path.join(results_dir, "study", "splits.json")
     if os.path.exists(recorded):  # before anything is overwritten
         old = json.load(open(recorded))
@@ -105,7 +111,9 @@ def study_runs(phase: str, data: str, runs_dir: str, results_dir: str,
     (study_data): ({run name: train.py configuration}, {extra held-out set: pairs}), what
     run_configs trains and evaluates. Every run trains on train (E3's phases, named e3*, on
     e3_train) and is evaluated on validation; the final phases (not named tune*) also evaluate the
-    test split, once, and E3's the marked validation prompts. only: these runs of the phase."""
+    test split, once, and E3's the marked validation prompts. A run whose flags name a train_split
+    trains on that file of study_data instead (E4's noise levels: noisy0.4_train, ...). only: these
+    runs of the phase."""
     study = study_config()
     phases = study["phases"]
     unknown = sorted(set(only or []) - set(phases[phase]))
@@ -113,7 +121,9 @@ def study_runs(phase: str, data: str, runs_dir: str, results_dir: str,
         sys.exit(f"error: --runs {unknown}: phase {phase} has {list(phases[phase])}")
     paths = study_data(data, runs_dir, results_dir)
     train = paths["e3_train" if phase.startswith("e3") else "train"]
-    configs = {name: dict(dataset=train, eval_split=paths["validation"], **{**study["base"], **config})
+    configs = {name: dict(dataset=paths[config["train_split"]] if "train_split" in config else train,
+                          eval_split=paths["validation"],
+                          **{**study["base"], **{k: v for k, v in config.items() if k != "train_split"}})
                for name, config in phases[phase].items() if not only or name in only}
     held_out = {} if phase.startswith("tune") else dict(test=paths["test"])
     if phase.startswith("e3"):

@@ -255,7 +255,8 @@ def test_the_committed_report_rebuilds_from_the_committed_results(tmp_path, monk
     for experiment in ("e1", "e2", "bf16"):
         E.rebuild(experiment, "", res)
     for phase in study.study_config()["phases"]:
-        E.rebuild("study", phase, res)
+        if glob.glob(os.path.join(res, "study", phase, "*.json")):  # every phase with committed results (one
+            E.rebuild("study", phase, res)                           # being run, such as E4's, has none yet)
     tables = sorted(glob.glob("**/*.md", root_dir=os.path.join(here, "results"), recursive=True))
     assert tables == sorted(glob.glob("**/*.md", root_dir=res, recursive=True))  # none written that is not committed
     for name in tables:

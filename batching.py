@@ -51,7 +51,7 @@ def plan_packing(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     position feeding it, its position id, its part (0 prompt, 1 chosen, 2 rejected) and its unit
     (padding: a negative unit of its own per slot); and unpack (2B*T,): each padded position's slot
     in the flattened (R*L) layout (the rejected row's prompt positions read the shared prompt's
-    slots; padding positions point anywhere). beta_head.pack_pairs turns it into the forward's
+    slots; padding positions point anywhere). logprobs.pack_pairs turns it into the forward's
     inputs and attention mask on the device.
     """
     N, T = input_ids.shape
@@ -64,7 +64,7 @@ def plan_packing(input_ids: torch.Tensor, attention_mask: torch.Tensor,
         p, pr = pm[i].nonzero().squeeze(1), pm[B + i].nonzero().squeeze(1)
         if not torch.equal(ids[i, p], ids[B + i, pr]):
             raise ValueError(f"pair {i}: the chosen and rejected rows have different prompts; "
-                             "pack_pairs needs the pair layout of data.collate")
+                             "pack_pairs needs the pair layout of batching.collate")
         c, r = (am[i] & ~pm[i]).nonzero().squeeze(1), (am[B + i] & ~pm[B + i]).nonzero().squeeze(1)
         n_p = len(p)
         units.append(dict(src=torch.cat([i * T + p, i * T + c, (B + i) * T + r]),

@@ -87,7 +87,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=HH_PAIRS if os.path.exists(HH_PAIRS) else "demo",
                    help="pairs file (default: ../shared HH-RLHF pairs when present, else the demo set); its first pairs, in file order")
     p.add_argument("--batch_size", type=int, default=4, help="pairs per step")
-    p.add_argument("--max_length", type=int, default=256, help="max tokens of prompt + response (data.build_examples)")
+    p.add_argument("--max_length", type=int, default=256, help="max tokens of prompt + response (tokenization.build_examples)")
     p.add_argument("--max_prompt_length", type=int, default=192, help="prompts keep their last this-many tokens")
     p.add_argument("--warmup_steps", type=int, default=2, help="untimed steps at the start of every process")
     p.add_argument("--steps", type=int, default=5, help="timed steps per process (step i always gets batch i)")

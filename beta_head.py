@@ -246,13 +246,14 @@ class LearnableBeta(BetaMode):
     def metrics(self, stats: dict) -> dict[str, float]:
         return {"beta_head/w": self.head.w.item()}
 
-    def train_metrics(self) -> dict[str, float]:
-        head = self.head
-        return {"beta_head/w": head.w.item(),
-                "beta_head/w_grad": head.log_w.grad.item() if head.log_w.grad is not None else 0.0,
-                "beta_head/nn_grad_norm": math.sqrt(sum(float(p.grad.pow(2).sum()) for p in head.nn.parameters()
-                                                        if p.grad is not None)),
-                "beta_head/nn_weight_norm": math.sqrt(sum(float(p.detach().pow(2).sum()) for p in head.nn.parameters()))}
+    @torch.no_grad()
+    def train_metrics(self) -> dict[str, torch.Tensor]:
+        head, params = self.head, list(self.head.nn.parameters())
+        grads = [p.grad.pow(2).sum() for p in params if p.grad is not None]
+        return {"beta_head/w": head.w.detach(),
+                "beta_head/w_grad": head.log_w.grad.clone() if head.log_w.grad is not None else torch.zeros(()),
+                "beta_head/nn_grad_norm": torch.stack(grads).sum().sqrt() if grads else torch.zeros(()),
+                "beta_head/nn_weight_norm": torch.stack([p.pow(2).sum() for p in params]).sum().sqrt()}
 
 
 # -----------------------------------------------------------------------------
@@ -335,7 +336,7 @@ class DynamicBetaDPOModel(nn.Module):
                     pack_plan: torch.Tensor | None = None, pack_unpack: torch.Tensor | None = None) -> dict | None:
         """pack_pairs' layout of a pair batch (2B, T) when prompts are shared: share_prompt is on
         and the policy (so its reference, the same architecture) takes the custom mask; else None.
-        pack_plan, pack_unpack: collate's plan of it (data.plan_packing), when the batch has one."""
+        pack_plan, pack_unpack: collate's plan of it (batching.plan_packing), when the batch has one."""
         if self.share_prompt and can_pack(self.policy_model):
             return pack_pairs(input_ids, attention_mask, prompt_mask, pack_plan, pack_unpack)
         return None

@@ -19,7 +19,7 @@ interface; the training step and the model call it and never name a mode:
     start(model, batches, cfg, accelerator)
                                      once before the first step of a fresh run (learnable: calibrate w)
     after_step(applied)              after every optimizer step (applied=False: a skipped, non-finite one)
-    metrics(stats), train_metrics()  what it adds to the logged metrics
+    metrics(stats), train_metrics()  what it adds to the logged metrics (train_metrics: tensors, no sync)
 
 registry.py maps the names --beta_mode takes to these classes: adding a mode is one file with a
 subclass of BetaMode and one line there.
@@ -130,8 +130,9 @@ class BetaMode(nn.Module):
         """Metrics of this mode from forward()'s per-pair stats (gathered), for train and eval logs."""
         return {}
 
-    def train_metrics(self) -> dict[str, float]:
-        """Metrics of this mode's own state after a step, before its gradients are zeroed (train logs)."""
+    def train_metrics(self) -> dict[str, torch.Tensor]:
+        """Metrics of this mode's own state after a step, before its gradients are zeroed (train logs), as
+        0-dim tensors: called every step, read (a device sync) only when the step is logged."""
         return {}
 
 

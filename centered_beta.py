@@ -136,8 +136,10 @@ class CenteredBeta(BetaMode):
     def metrics(self, stats: dict) -> dict[str, float]:
         return {"centered/running_z": float(self.running_z)}
 
-    def train_metrics(self) -> dict[str, float]:
+    @torch.no_grad()
+    def train_metrics(self) -> dict[str, torch.Tensor]:
         params = list(self.nn.parameters())
-        return {"centered/running_z": float(self.running_z),
-                "centered/nn_weight_norm": math.sqrt(sum(float(p.detach().pow(2).sum()) for p in params)),
-                "centered/nn_grad_norm": math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None))}
+        grads = [p.grad.pow(2).sum() for p in params if p.grad is not None]
+        return {"centered/running_z": self.running_z.clone(),
+                "centered/nn_weight_norm": torch.stack([p.pow(2).sum() for p in params]).sum().sqrt(),
+                "centered/nn_grad_norm": torch.stack(grads).sum().sqrt() if grads else torch.zeros(())}

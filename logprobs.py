@@ -162,12 +162,12 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_mas
     """The shared-prompt layout of a pair batch (2B, T), rows [:B] prompt+chosen and [B:]
     prompt+rejected with equal prompts, for run_model.
 
-    Each pair becomes one unit [prompt | chosen | rejected] (data.plan_packing) and a mask in which
+    Each pair becomes one unit [prompt | chosen | rejected] (batching.plan_packing) and a mask in which
     every token sees the earlier tokens of its unit except that rejected never sees chosen: each
     response attends to exactly the context it has in the padded layout, so the forward is the same
     function computed once per prompt instead of twice, and gradients through the prompt sum over
     both responses as they would. Padding slots attend only to themselves.
-    plan, unpack: data.plan_packing's index tensors, already on the batch's device (collate makes
+    plan, unpack: batching.plan_packing's index tensors, already on the batch's device (collate makes
     them on the CPU): then nothing here copies to the host or waits on the device. Without them
     they are computed from the batch (a copy to the CPU). Returns input_ids, position_ids (R, L),
     attention_mask (R, 1, L, L), bool, True = may attend, formed on the device, and unpack (2B*T,).

@@ -229,7 +229,7 @@ def write_samples(ckpt: str, model: DynamicBetaDPOModel, tokenizer, examples: li
     margin. Returns the records written.
 
     examples: the held-out pairs; their prompt_ids are the prompts, the chat template exactly as
-        training rendered it (data.tokenize_pair), truncation included.
+        training rendered it (tokenization.tokenize_pair), truncation included.
     stats: run_eval's per-pair stats (N,) of the same examples, in order: beta, and the margin
         beta * (log-ratio chosen - log-ratio rejected), the pair's rewards/margins.
     A response is decoded raw, special tokens skipped (a <think> block stays as written). Runs on

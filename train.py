@@ -311,8 +311,7 @@ def check_beta_flags(args, p) -> None:
     for name, defaults in p.mode_flags.items():
         for dest, default in defaults.items():
             if name != args.beta_mode and getattr(args, dest) != default:
-                p.error(f"--{dest} only applies to --beta_mode {name} (the flags of a mode's group in --help only "
-                        f"apply to --beta_mode {name})")
+                p.error(f"--{dest} only applies to --beta_mode {name}: drop it, or pass --beta_mode {name}")
     if not 0 <= args.label_smoothing < 0.5:
         p.error(f"need 0 <= --label_smoothing < 0.5; got {args.label_smoothing}")
     if not is_bounded(args.beta_mode):
@@ -441,7 +440,7 @@ class StepResult:
     grad_norm: float  # before clipping
     finite: bool  # loss and gradients finite on every process: the update was applied
     tokens: int  # real tokens of the micro-batches (this process)
-    mode_metrics: dict  # the beta mode's train_metrics() after the update (learnable: w, its gradients)
+    mode_metrics: dict  # the beta mode's train_metrics() after the update, 0-dim tensors (learnable: w, its gradients)
 
 
 def check_launch(args, accelerator: Accelerator) -> None:
@@ -548,7 +547,7 @@ def restore(run: Run, resume: str) -> None:
     if state["num_processes"] != run.accelerator.num_processes:
         raise DataError(f"checkpoint {resume} was written by a run with {state['num_processes']} processes; "
                         f"resume with the same number (this run has {run.accelerator.num_processes})")
-    ours = [{k: g[k] for k in ("peak_lr", "weight_decay", "betas", "eps")} for g in run.optimizer.param_groups]
+    ours = [{k: g[k] for k in ("peak_lr", "weight_decay", "betas", "eps", "name") if k in g} for g in run.optimizer.param_groups]
     run.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], run.optimizer))
     for g, flags in zip(run.optimizer.param_groups, ours):  # this run's flags, not the saved ones
         g.update(flags)
@@ -617,7 +616,7 @@ def log_train(run: Run, window: list[StepResult], pbar) -> None:
                     "examples_seen": run.step * run.global_batch, "skipped_steps": run.skipped_steps,
                     **{f"mem/{k}": v for k, v in peak_memory_gb(accelerator.device).items()}})
     metrics.update({f"lr/{g['name']}": g["lr"] for g in run.optimizer.param_groups if "name" in g})  # a mode's groups
-    metrics.update(window[-1].mode_metrics)
+    metrics.update({k: float(v) for k, v in window[-1].mode_metrics.items()})  # the step's one read of them
     record(run, metrics, "train", gathered["beta"])
     if accelerator.is_main_process:
         pbar.write(f"step {run.step}: loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.3f} "
@@ -661,7 +660,7 @@ def evaluate(run: Run, examples: list[dict]) -> tuple[dict, dict]:
 
 
 def save(run: Run, path: str, card: str | None = None) -> None:
-    """A complete checkpoint at path (model_loader.save_checkpoint), then prune old step
+    """A complete checkpoint at path (checkpoint.save_checkpoint), then prune old step
     checkpoints; with a model card, the model to deploy: no optimizer state. With --fsdp every
     process gathers the shards and the main one writes. A failed write stops every process with a
     DataError; earlier checkpoints stay intact."""

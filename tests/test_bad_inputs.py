@@ -117,7 +117,7 @@ CASES = [
     ("--beta_mode fixed with --beta_head_lr", lambda c: flags_error(c.capsys, "--beta_head_lr", "1e-3"),
      "--beta_head_lr only applies to --beta_mode learnable"),
     ("--beta_mode fixed with --beta_reg", lambda c: flags_error(c.capsys, "--beta_reg", "0.1"),
-     "only apply to --beta_mode learnable"),
+     "--beta_reg only applies to --beta_mode learnable"),
     ("zero learning rate", lambda c: flags_error(c.capsys, "--policy_lr", "0"), "--policy_lr must be > 0"),
     ("negative learning rate", lambda c: flags_error(c.capsys, "--policy_lr=-1e-5"), "--policy_lr must be > 0"),
     ("negative BetaHead learning rate", lambda c: flags_error(c.capsys, "--beta_mode", "learnable", "--beta_head_lr=-1"),

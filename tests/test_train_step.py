@@ -184,3 +184,17 @@ def test_train_step_syncs_per_step_not_per_micro_batch(tiny_qwen2_dir, tmp_path,
         monkeypatch.undo()
         counts.append(len(calls))
     assert counts[0] == counts[1], counts
+
+
+def test_a_learnable_step_syncs_no_more_than_a_fixed_one(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """The beta mode's own metrics (w, its gradient, the NN's norms) stay on the device until a step is
+    logged: a learnable step reads the device back as often as a fixed-beta one."""
+    counts = {}
+    for mode in ("fixed", "learnable"):
+        (tmp_path / mode).mkdir()
+        run, batches = setup(tiny_qwen2_dir, tmp_path / mode, "--beta_mode", mode)
+        calls = count_syncs(monkeypatch)
+        train.train_step(run, batches[:1])
+        monkeypatch.undo()
+        counts[mode] = len(calls)
+    assert counts["learnable"] == counts["fixed"], counts

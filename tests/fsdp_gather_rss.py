@@ -35,4 +35,6 @@ else:
     assert kept is None
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
     json.dump(dict(rank=rank, before_mb=before, growth_mb=after - before), f)
+del state, small, kept  # every DTensor and gathered tensor freed while the process group still exists
+dist.barrier()  # neither process tears gloo down while the other still uses it
 dist.destroy_process_group()

@@ -9,11 +9,11 @@ import sys
 
 from registry import beta_bounds
 from cells import spread
-from measures import f_tokens, head_factor, margins
+from measures import f_tokens, head_factor, margins, paired_diffs
 from report_study_tables import (OUT_OF_REGIME, beta_analysis_rows, beta_dpo_rows, e3_rows, e3_training_rows, final_rows,
                                  noise_cost_rows)
 from result_files import config_of, curve, save_figure, splice, study_results, write_text
-from stats import spearman
+from stats import combined_interval, spearman
 from study import study_config
 
 E3_CLEAN = "headline"  # the phase whose runs are E3's with clean training data
@@ -77,9 +77,38 @@ def report_study_tuning(phase: str, results_dir: str) -> None:
                         f"{spread(f)} | {math.sqrt(sum((x - sum(f) / len(f)) ** 2 for x in f) / len(f)):.4f} | "
                         f"{f_tokens(r):+.3f} | "
                         f"{tr[0]['beta_head/nn_weight_norm']:.4f} → {tr[-1]['beta_head/nn_weight_norm']:.4f} |")
+    if phase == "tune_noise":
+        rows += ["", "E4's noise level: fixed beta's cost against the clean run with the same flags and seed "
+                 "(headline), paired over the validation pairs, and for E3's 30% over its 3 seeds:", ""]
+        rows += noise_level_rows(results, results_dir)
     write_text(os.path.join(results_dir, "study", f"{phase}.md"), "\n".join(rows) + "\n")
     splice(results_dir, f"study_{phase}", "\n".join(rows[1:]))
     print("\n".join(rows))
+
+
+def noise_level_rows(noisy: list[dict], results_dir: str) -> list[str]:
+    """E4's noise level (report.md, "E4", step 1): for each noise rate, fixed beta's cost (noisy minus
+    clean run of the same seed) in validation loss@beta0 and accuracy, paired over pairs: the mean, its
+    s.e. and mean / s.e. at one seed (the pre-registered rule), and, for E3's 30% with 3 seeds, the
+    combined interval (stats.combined_interval) on validation and on the test split."""
+    clean = {r["seed"]: r for r in study_results(results_dir, "headline") if r["mode"] == "fixed"}
+    e3 = [r for r in study_results(results_dir, "e3") if r["mode"] == "fixed" and not config_of(r).get("label_smoothing")]
+    rows = ["| noise (flipped, marked rows) | runs | split | cost in loss@β0 (s.e.; mean / s.e.) | cost in accuracy (s.e.; mean / s.e.) |",
+            "| --- | --- | --- | --- | --- |"]
+
+    def cell(diffs: list[list[float]]) -> str:
+        c = combined_interval(diffs)
+        return f"{c['mean']:+.4f} ({c['se']:.4f}; {c['mean'] / c['se']:+.1f})"
+    for label, runs, splits in ([("30% (E3)", [r for r in e3 if r["seed"] == 0], ["eval"]),
+                                 ("30% (E3)", e3, ["eval", "test"])] +
+                                [(f"{100 * float(config_of(r)['dataset'].split('noisy')[-1].split('_')[0]):.0f}%", [r], ["eval"])
+                                 for r in noisy]):
+        for split in splits:
+            loss = cell(paired_diffs(runs, clean, split, "loss_beta0"))
+            acc = cell([[-x for x in d] for d in paired_diffs(runs, clean, split, "rewards/accuracies")])
+            rows.append(f"| {label} | {', '.join(r['name'] for r in runs)} | {'validation' if split == 'eval' else split} | "
+                        f"{loss} | {acc} |")
+    return rows
 
 
 def plot_final(results: list[dict], modes: list[str], path: str) -> None:

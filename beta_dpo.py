@@ -28,8 +28,8 @@ class BetaDPO(JsonState, BetaMode):
     the draw uses its own generator seeded by (seed, number of calls), so every process draws the
     same pairs and a resumed run the same as an uninterrupted one. Evaluation neither filters nor
     updates M0 and sigma (the authors' loop updates them on eval batches too): beta there is
-    beta0 * (1 + alpha * (mean(A) - M0)). The floor of beta (the authors' 1e-3) is the model's
-    beta_min.
+    beta0 * (1 + alpha * (mean(A) - M0)). The floor of beta (the authors' 1e-3) is the default
+    --beta_min (bounds).
     """
 
     FILE, WHAT = "beta_dpo.json", "M0, sigma and the draw count of a beta_dpo run"
@@ -81,8 +81,6 @@ class BetaDPO(JsonState, BetaMode):
         raw = raw.expand(B)
         return BetaOut(raw.clamp(pairs.beta_min, pairs.beta_max), raw, weights)
 
-    def prompt_beta(self, *args, **kwargs):
-        raise ValueError("beta_dpo sets beta from pairs of responses, not from a prompt alone")
 
     def __init__(self, alpha: float = 0.6, rho: float = 0.8, momentum: float = 0.9, seed: int = 0):
         super().__init__()

@@ -40,6 +40,28 @@ def ppl_scale(ppl: torch.Tensor, ppl_transform: str = "ppl") -> torch.Tensor:
     return ppl.float().log().clamp(min=1e-3) if ppl_transform == "log" else ppl.float()
 
 
+def small_nn(hidden_size: int, structure: str = "linear", mlp_hidden_size: int = 256) -> nn.Module:
+    """(B, H) -> (B, 1): a linear layer ("linear") or a one-hidden-layer GELU MLP ("mlp"), its last
+    layer at zero so that it outputs 0 for every input at the start (a head that starts neutral)."""
+    if structure == "linear":
+        net = nn.Linear(hidden_size, 1)
+    elif structure == "mlp":
+        net = nn.Sequential(nn.Linear(hidden_size, mlp_hidden_size), nn.GELU(), nn.Linear(mlp_hidden_size, 1))
+    else:
+        raise ValueError(f"nn_structure must be 'linear' or 'mlp'; got {structure!r}")
+    last = net if structure == "linear" else net[-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return net
+
+
+def norms(params: list) -> dict[str, torch.Tensor]:
+    """The weight norm and the gradient norm of these parameters, 0-dim tensors on their device (no sync)."""
+    grads = [p.grad.pow(2).sum() for p in params if p.grad is not None]
+    return {"nn_weight_norm": torch.stack([p.detach().pow(2).sum() for p in params]).sum().sqrt(),
+            "nn_grad_norm": torch.stack(grads).sum().sqrt() if grads else torch.zeros(())}
+
+
 class BetaHead(nn.Module):
     """beta = w * ppl * (1 + epsilon * tanh(NN(context_embedding))).
 
@@ -70,16 +92,7 @@ class BetaHead(nn.Module):
             raise ValueError(f"ppl_transform must be 'ppl' or 'log'; got {ppl_transform!r}")
         self.ppl_transform = ppl_transform
         self.log_w = nn.Parameter(torch.tensor(math.log(init_w)))
-        if nn_structure == "linear":
-            self.nn = nn.Linear(hidden_size, 1)
-        elif nn_structure == "mlp":
-            self.nn = nn.Sequential(nn.Linear(hidden_size, mlp_hidden_size), nn.GELU(),
-                                    nn.Linear(mlp_hidden_size, 1))
-        else:
-            raise ValueError(f"nn_structure must be 'linear' or 'mlp'; got {nn_structure!r}")
-        last = self.nn if nn_structure == "linear" else self.nn[-1]
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        self.nn = small_nn(hidden_size, nn_structure, mlp_hidden_size)
 
     @property
     def w(self) -> torch.Tensor:
@@ -248,12 +261,10 @@ class LearnableBeta(BetaMode):
 
     @torch.no_grad()
     def train_metrics(self) -> dict[str, torch.Tensor]:
-        head, params = self.head, list(self.head.nn.parameters())
-        grads = [p.grad.pow(2).sum() for p in params if p.grad is not None]
+        head = self.head
         return {"beta_head/w": head.w.detach(),
                 "beta_head/w_grad": head.log_w.grad.clone() if head.log_w.grad is not None else torch.zeros(()),
-                "beta_head/nn_grad_norm": torch.stack(grads).sum().sqrt() if grads else torch.zeros(()),
-                "beta_head/nn_weight_norm": torch.stack([p.pow(2).sum() for p in params]).sum().sqrt()}
+                **{f"beta_head/{k}": v for k, v in norms(list(head.nn.parameters())).items()}}
 
 
 # -----------------------------------------------------------------------------
@@ -328,6 +339,8 @@ class DynamicBetaDPOModel(nn.Module):
 
     def beta_from(self, ppl: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(clamped beta, raw beta), each (B,) fp32, from prompt PPL (B,) and hidden state (B, H)."""
+        if not self.mode.per_prompt:
+            raise ValueError(f"{type(self.mode).__name__} sets beta from pairs of responses, not from a prompt alone")
         return self.mode.prompt_beta(ppl, h, self.beta, self.beta_min, self.beta_max)
 
     # --- training / evaluation -----------------------------------------------------------------

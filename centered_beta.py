@@ -24,10 +24,10 @@ import math
 import os
 
 import torch
-import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from beta_head import norms, small_nn
 from beta_mode import BetaMode, BetaOut, PairForward
 
 
@@ -47,15 +47,7 @@ class CenteredBeta(BetaMode):
             raise ValueError(f"momentum must be in [0, 1); got {momentum}")
         self.hidden_size, self.nn_structure, self.scale, self.momentum = hidden_size, nn_structure, scale, momentum
         self.mlp_hidden_size = mlp_hidden_size
-        if nn_structure == "linear":
-            self.nn = nn.Linear(hidden_size, 1)
-        elif nn_structure == "mlp":
-            self.nn = nn.Sequential(nn.Linear(hidden_size, mlp_hidden_size), nn.GELU(), nn.Linear(mlp_hidden_size, 1))
-        else:
-            raise ValueError(f"nn_structure must be 'linear' or 'mlp'; got {nn_structure!r}")
-        last = self.nn if nn_structure == "linear" else self.nn[-1]
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        self.nn = small_nn(hidden_size, nn_structure, mlp_hidden_size)  # starts at 0: beta = beta0 everywhere
         self.register_buffer("running_z", torch.zeros(()))  # the running mean of z that single prompts centre on
 
     # --- flags and state -----------------------------------------------------------------------
@@ -138,8 +130,5 @@ class CenteredBeta(BetaMode):
 
     @torch.no_grad()
     def train_metrics(self) -> dict[str, torch.Tensor]:
-        params = list(self.nn.parameters())
-        grads = [p.grad.pow(2).sum() for p in params if p.grad is not None]
         return {"centered/running_z": self.running_z.clone(),
-                "centered/nn_weight_norm": torch.stack([p.pow(2).sum() for p in params]).sum().sqrt(),
-                "centered/nn_grad_norm": torch.stack(grads).sum().sqrt() if grads else torch.zeros(())}
+                **{f"centered/{k}": v for k, v in norms(list(self.nn.parameters())).items()}}

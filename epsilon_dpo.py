@@ -256,8 +256,6 @@ class EpsilonDPO(JsonState, BetaMode):
         # steps: -1: beta went up for this pair, +1: down, 0: unchanged
         return BetaOut(raw.clamp(pairs.beta_min, pairs.beta_max), raw, stats=dict(epsilon_steps=steps.float()))
 
-    def prompt_beta(self, *args, **kwargs):
-        raise ValueError("epsilon_dpo sets beta from pairs of responses, not from a prompt alone")
 
     def after_step(self, applied: bool) -> None:
         """Its beta moves with the policy, every process alike; a skipped step moves neither."""

@@ -17,6 +17,10 @@ clip_grad_norm_ (1.0), fused AdamW step (train.py's and TRL's default), zero_gra
                                 pair's prompt runs once for both responses, packed without padding
   ours-unshared                 ours-learnable with share_prompt=False (train.py --no_prompt_sharing): the
                                 padded concatenated (2B, T) forward, each prompt twice
+  ours-unfused                  ours-learnable with Hugging Face's own MLP and RMSNorm forwards (train.py
+                                --no_fused_layers) instead of fused_layers.py's, which keep less for backward
+  ours-mmap                     ours-learnable with blocks >= 1 MB in their own memory mappings instead of glibc's
+                                heap (train.py --mmap_threshold_mb 1): less peak RSS, slower
   seed                          the seed's literal design, `seed_loss` below: a no-grad prompt forward
                                 for PPL and h, then separate chosen / rejected forwards with full logits
   trl                           trl.DPOTrainer (sigmoid loss), timed per step by a callback in train()
@@ -64,6 +68,7 @@ import torch
 
 from batching import collate
 from beta_head import BetaHead
+from cpu_memory import set_mmap_threshold
 from data import load_rows, normalize_row
 from logprobs import last_token_hidden, masked_ppl
 from losses import dpo_loss
@@ -73,9 +78,9 @@ from model_loader import build_model, build_tiny_qwen2, frozen_copy, load_policy
 ROOT = os.path.dirname(os.path.abspath(__file__))
 HH_PAIRS = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
 DEEPSEEK_TOKENIZER = os.path.join(ROOT, "..", "shared", "tokenizers", "deepseek-r1-distill-qwen")
-KINDS = ("ours-fixed", "ours-learnable", "ours-unshared", "ours-lora", "seed", "trl", "trl-default")
+KINDS = ("ours-fixed", "ours-learnable", "ours-unshared", "ours-unfused", "ours-mmap", "ours-lora", "seed", "trl", "trl-default")
 CONFIGS = [f"{c}{s}" for s in ("", "+cache") for c in KINDS]
-DEFAULT_CONFIGS = [f"{c}{s}" for s in ("", "+cache") for c in ("ours-fixed", "ours-learnable", "trl", "trl-default")]
+DEFAULT_CONFIGS = [f"{c}{s}" for s in ("", "+cache") for c in ("ours-fixed", "ours-learnable", "trl", "trl-default")] + ["ours-unfused", "ours-mmap"]
 SWEEP_CONFIGS = ["ours-learnable", "seed", "trl"]
 BETA, LR = 0.1, 1e-6
 
@@ -96,7 +101,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32,bf16",
                    help="fp32, bf16 (autocast, fp32 master weights) or both (comma list): every config but trl-default "
                         "runs in each")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process (default: all cores)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()),
+                   help="torch threads in every process (default: OMP_NUM_THREADS when set, else all cores)")
     p.add_argument("--seed", type=int, default=0, help="torch seed in every process (BetaHead init)")
     p.add_argument("--json", default="bench_results.json", help="write all results here")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the steps run")
@@ -112,6 +118,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="instead: where one ours-learnable step spends its time (torch.profiler, after the warm-up), in the "
                         "last --precision: the matmuls' share of the step and their own GFLOP/s against that matmul peak")
+    p.add_argument("--no_profile", action="store_true",
+                   help="skip the profiled ours-learnable step that follows the table in each precision")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)      # internal: run one config (NAME@PRECISION)
     p.add_argument("--_model_dir", default=None, help=argparse.SUPPRESS)   # internal: converted weights
     p.add_argument("--_sweep_len", type=int, default=0, help=argparse.SUPPRESS)  # internal: synthetic pairs
@@ -265,7 +273,9 @@ def worker(args) -> dict:
         cfg = dict(beta_mode="fixed" if kind == "ours-fixed" else "learnable", beta=BETA, beta_min=0.0,
                    beta_max=float("inf"), lora_r=16 if kind == "ours-lora" else 0, lora_alpha=16.0,
                    lora_target_modules="all-linear", nn_structure="linear", epsilon=0.1, mlp_hidden_size=256,
-                   ppl_transform="ppl", no_prompt_sharing=kind == "ours-unshared")
+                   ppl_transform="ppl", no_prompt_sharing=kind == "ours-unshared", no_fused_layers=kind == "ours-unfused")
+        if device.type == "cpu" and kind == "ours-mmap":
+            set_mmap_threshold(1.0)  # train.py --mmap_threshold_mb 1
         model = build_model(cfg, device, torch.bfloat16 if precision == "bf16" else None, base=policy)
         policy, reference, head = model.policy_model, model.reference_model, model.beta_head
         cuda = device.type == "cuda"
@@ -333,6 +343,7 @@ def profile_step(step, batch) -> dict:
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     mm = [e for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
     return dict(step_s=wall, ops=[(e.key, e.self_cpu_time_total / 1e6, e.count) for e in ops[:12]],
+                all_ops=[(e.key, e.self_cpu_time_total / 1e6, e.count) for e in ops],
                 matmul_s=sum(e.self_cpu_time_total for e in mm) / 1e6, matmul_flops=sum(e.flops for e in mm))
 
 
@@ -412,7 +423,7 @@ def summarize(name: str, runs: list[dict], peak: dict[str, float]) -> dict:
     tokens = [n for r in runs for n in r["real_tokens"]]
     prompts = [n for r in runs for n in r["prompt_tokens"]]
     N, cache = runs[0]["n_params"], "+cache" in name
-    shared = name.startswith(("ours-fixed", "ours-learnable"))  # each prompt runs once
+    shared = name.startswith(("ours-fixed", "ours-learnable", "ours-unfused", "ours-mmap"))  # each prompt runs once
     computed = [n - p if shared else n for n, p in zip(tokens, prompts)]
     flops = [N * (6 * c + (0 if cache else 2 * c) + (2 * p if name.startswith("seed") else 0))
              for c, p in zip(computed, prompts)]
@@ -493,10 +504,11 @@ def main_bench(args, model_dir: str) -> dict:
     for suffix in ("", "+cache"):  # the same paired medians, for the other comparisons of the issue
         for p in args.precision.split(","):
             for a, b in (("ours-fixed", "ours-learnable"), ("ours-learnable", "seed"), ("ours-learnable", "ours-unshared"),
-                         ("ours-unshared", "seed")):
+                         ("ours-unshared", "seed"), ("ours-learnable", "ours-unfused"), ("ours-learnable", "ours-mmap")):
                 r = paired(runs, f"{a}{suffix}@{p}", f"{b}{suffix}@{p}")
                 if r is not None:
-                    print(f"step time {b}{suffix}@{p} / {a}{suffix}@{p}: {r:.3f}")
+                    print(f"step time {b}{suffix}@{p} / {a}{suffix}@{p}: {r:.3f}; peak RSS "
+                          f"{rss[f'{b}{suffix}@{p}']:.2f} / {rss[f'{a}{suffix}@{p}']:.2f} GB")
         for c in ("ours-fixed", "ours-learnable", "trl"):
             r = paired(runs, f"{c}{suffix}@bf16", f"{c}{suffix}@fp32")
             if r is not None:
@@ -513,8 +525,12 @@ def main_bench(args, model_dir: str) -> dict:
           f"{statistics.mean(n - p for n, p in zip(r0['real_tokens'], r0['prompt_tokens'])):.0f} per step when each prompt "
           "runs once (ours-fixed, ours-learnable), "
           f"{rows[0]['real_tokens_per_step']:.0f} when it runs twice")
+    profiles = {}
+    if not args.no_profile and any(n.startswith("ours-learnable@") for n in names):
+        print("\nWhere the time of one ours-learnable step goes, in each precision (torch.profiler, self time):\n")
+        profiles = {p: profile_report(args, model_dir, p, peak[p]) for p in args.precision.split(",")}
     return dict(cpu=cpu, matmul_gflops=dict(start=peak_before, end=peak_after, peak=peak, bf16_over_fp32=ratio),
-                summary=rows, runs=runs)
+                summary=rows, runs=runs, profiles=profiles)
 
 
 ARCH_CONFIGS = ["ours-learnable@bf16", "ours-learnable+cache@bf16", "ours-lora@bf16", "trl-default@default",
@@ -567,21 +583,45 @@ def main_arch(args, model_dir: str) -> dict:
                 runs={r["config"]: r["runs"] for r in rows})
 
 
-def main_profile(args, model_dir: str) -> dict:
-    precision = args.precision.split(",")[-1]
-    peak = peaks(args.threads)[precision]
+OP_KINDS = [("matmul", ("aten::mm", "aten::addmm", "aten::bmm")), ("attention", ("scaled_dot_product",)),
+            ("casts and copies", ("aten::copy_", "aten::_to_copy")), ("AdamW", ("adam",)),
+            ("log-softmax over the vocabulary", ("softmax", "aten::exp", "aten::sub"))]
+
+
+def op_kind(key: str) -> str:
+    return next((kind for kind, names in OP_KINDS if any(n in key.lower() for n in names)), "elementwise and other")
+
+
+def profile_report(args, model_dir: str, precision: str, peak: float) -> dict:
+    """One profiled ours-learnable step in `precision`: its ops by self time, grouped by kind, and
+    the matmuls' own rate against the matmul peak. Printed as two tables; returns the worker's result."""
     res = run_config(args, f"ours-learnable@{precision}", model_dir, ["--_profile"])
     mm_rate = res["matmul_flops"] / res["matmul_s"] / 1e9
     print(f"{cpu_model()}: ours-learnable in {precision}, one step (batch {args.warmup_steps + 1}, "
           f"{res['real_tokens'][args.warmup_steps]} real tokens) under torch.profiler: {res['step_s']:.2f} s wall; "
           f"{precision} matmul peak {peak:.1f} GFLOP/s\n")
-    print("| op | self time s | share of step | calls |")
+    kinds = {}
+    for key, t, n in res["all_ops"]:
+        kinds[op_kind(key)] = kinds.get(op_kind(key), 0.0) + t
+    res["by_kind"] = kinds
+    print("| kind of op | self time s | share of step |")
+    print("| --- | ---: | ---: |")
+    for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {t:.3f} | {100 * t / res['step_s']:.1f}% |")
+    print("\n| op | self time s | share of step | calls |")
     print("| --- | ---: | ---: | ---: |")
     for key, t, n in res["ops"]:
         print(f"| {key[:60]} | {t:.3f} | {100 * t / res['step_s']:.1f}% | {n} |")
     print(f"\nmatmuls (mm, addmm, bmm): {res['matmul_s']:.2f} s = {100 * res['matmul_s'] / res['step_s']:.1f}% of the step, "
-          f"{res['matmul_flops'] / 1e9:.0f} GFLOP at {mm_rate:.1f} GFLOP/s = {100 * mm_rate / peak:.1f}% of the matmul peak")
-    return dict(cpu=cpu_model(), precision=precision, matmul_gflops=peak, profile=res)
+          f"{res['matmul_flops'] / 1e9:.0f} GFLOP at {mm_rate:.1f} GFLOP/s = {100 * mm_rate / peak:.1f}% of the matmul peak\n")
+    return res
+
+
+def main_profile(args, model_dir: str) -> dict:
+    precision = args.precision.split(",")[-1]
+    peak = peaks(args.threads)[precision]
+    return dict(cpu=cpu_model(), precision=precision, matmul_gflops=peak,
+                profile=profile_report(args, model_dir, precision, peak))
 
 
 def main_sweep(args, model_dir: str) -> dict:

@@ -24,6 +24,10 @@ EXPERIMENTS = {
 }
 # the bf16 experiment's modes: fixed and learnable, each in both precisions
 PRECISION_MODES = {f"{m}@{p}": dict(MODES[m], precision=p) for m in ("fixed", "learnable") for p in ("fp32", "bf16")}
+# does the step with fused_layers.py's MLPs and norms train like Hugging Face's? 50 steps of
+# learnable beta, the loss of every step logged, in the precision --precision auto picks
+EXPERIMENTS["fused"] = dict(EXPERIMENTS["bf16"], max_steps=50, log_every_steps=1, eval_every_steps=0, save_every_steps=25)
+FUSED_MODES = {"fused": dict(MODES["learnable"]), "unfused": dict(MODES["learnable"], no_fused_layers=True)}
 
 
 def flags(config: dict) -> list[str]:

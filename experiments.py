@@ -10,6 +10,8 @@ and against a known gold reward (E2).
     python experiments.py report e2
     python experiments.py run bf16 --seeds 0 1    # fixed and learnable in fp32 and bf16 (100 steps each)
     python experiments.py report bf16
+    python experiments.py run fused --seeds 0 1   # the fused layers against Hugging Face's (50 steps each)
+    python experiments.py report fused
     python experiments.py run study --phase P     # the study of issue #13 (configs/study.yaml), one phase
     python experiments.py run study --phase P --runs fixed-s1   # one run of it
     python experiments.py report study --phase P
@@ -39,7 +41,7 @@ KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)] (responses cut at 4
 This file is the command line and the runner. The rest is library code: experiment_configs.py (the
 configurations), study.py (the study's configuration and splits), e2.py (E2's prompts, gold reward
 and sampling), result_files.py (the files written and read back), and the reports, report_e1.py,
-report_e2.py, report_bf16.py, report_study.py and report_study_tables.py (numbers from
+report_e2.py, report_bf16.py, report_fused.py, report_study.py and report_study_tables.py (numbers from
 measures.py, cells.py and stats.py).
 """
 
@@ -55,10 +57,11 @@ import time
 from data import load_splits
 from tokenization import build_examples
 from e2 import E2_BETAS, E2_TRAIN, e2_pairs, e2_score
-from experiment_configs import EXPERIMENTS, MODES, PRECISION_MODES, flags
+from experiment_configs import EXPERIMENTS, FUSED_MODES, MODES, PRECISION_MODES, flags
 from checkpoint import drop_resume_state, is_complete
 from model_loader import load_policy, load_tokenizer
 from report_bf16 import report_bf16
+from report_fused import report_fused
 from report_e1 import report
 from report_e2 import report_e2
 from report_study import report_study_final, report_study_tuning, study_cost_rows
@@ -118,7 +121,8 @@ def run(exp: str, modes: list[str], seeds: list[int], data: str, extra: list[str
         runs_dir: str, keep: bool = False) -> None:
     """Every (mode, seed) of an experiment of EXPERIMENTS, seed-major (so a partial run already
     compares modes)."""
-    configs = {f"{mode}-s{seed}": dict(dataset=data, **EXPERIMENTS[exp], **{**MODES, **PRECISION_MODES}[mode], seed=seed)
+    configs = {f"{mode}-s{seed}": dict(dataset=data, **EXPERIMENTS[exp], **{**MODES, **PRECISION_MODES, **FUSED_MODES}[mode],
+                                       seed=seed)
                for seed in seeds for mode in modes}
     run_configs(exp, configs, extra, results_dir, runs_dir, keep)
 
@@ -279,6 +283,8 @@ def rebuild(experiment: str, phase: str, results_dir: str) -> None:
         report_e2(results_dir)
     elif experiment == "bf16":
         report_bf16(results_dir)
+    elif experiment == "fused":
+        report_fused(results_dir)
     else:
         report(experiment, results_dir)
 
@@ -287,11 +293,13 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "report", "data"],
                    help="run experiments, rebuild tables and figures, or write E1's data statistics")
-    p.add_argument("experiment", nargs="?", default="e1", choices=["e1", "e2", "bf16", "study"], help="which experiment")
+    p.add_argument("experiment", nargs="?", default="e1", choices=["e1", "e2", "bf16", "fused", "study"],
+                   help="which experiment")
     p.add_argument("--phase", default="tune_lr", choices=list(study_config()["phases"]), help="which phase of the study (study)")
     p.add_argument("--runs", nargs="+", default=None, help="only these runs of the study's phase (default: all)")
-    p.add_argument("--modes", nargs="+", default=None, choices=list(MODES) + list(PRECISION_MODES),
-                   help="beta modes to run (default: all of the experiment's: MODES, or PRECISION_MODES for bf16)")
+    p.add_argument("--modes", nargs="+", default=None, choices=list(MODES) + list(PRECISION_MODES) + list(FUSED_MODES),
+                   help="beta modes to run (default: all of the experiment's: MODES, PRECISION_MODES for bf16, "
+                        "FUSED_MODES for fused)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (e1)")
     p.add_argument("--betas", nargs="+", type=float, default=E2_BETAS, help="beta0 sweep (e2)")
     p.add_argument("--e2_model", default="smollm2-135m-instruct",
@@ -304,7 +312,7 @@ if __name__ == "__main__":
                         "final/ only, ~0.5 GB for SmolLM2)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every run (last)")
     args = p.parse_args()
-    valid = PRECISION_MODES if args.experiment == "bf16" else MODES
+    valid = {"bf16": PRECISION_MODES, "fused": FUSED_MODES}.get(args.experiment, MODES)
     args.modes = args.modes or list(valid)
     if any(m not in valid for m in args.modes):
         p.error(f"--modes of {args.experiment}: choose from {list(valid)}")

@@ -29,7 +29,7 @@
 # .gl/pairs-2000.jsonl.gz, else the built-in demo pairs), then evaluate.py on the final checkpoint;
 # writes $OUT/train_gpu.log, $OUT/eval_gpu.log and $OUT/eval_gpu.json. TRAIN_STEPS=0 skips it.
 # Check it on CPU first with a tiny architecture (a few minutes):
-#     ARCH=/tmp/tiny DEVICE=cpu MAX_LENGTH=64 BATCH=2 TRAIN_STEPS=4 TRAIN_LENGTH=128 bash gpu_bench.sh
+#     ARCH=/tmp/tiny DEVICE=cpu MAX_LENGTH=64 BATCH=2 ROUNDS=1 TRAIN_STEPS=4 TRAIN_LENGTH=128 bash gpu_bench.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 ARCH=${ARCH:-$( [ -f .gl/arch/config.json ] && echo .gl/arch || echo ../shared/models/deepseek-r1-distill-qwen-1.5b )}
@@ -56,7 +56,7 @@ fi
 BATCH=${BATCH:-$( [ "${MEM_MIB:-0}" -ge 120000 ] && echo 8 || echo 4 )}
 echo "gpu_bench: benchmark, batch $BATCH x ${MAX_LENGTH:-1024} tokens"
 timeout -k 10 "$BENCH_T" python3 bench.py --device "$DEVICE" --arch "$ARCH" --tokenizer "$TOKENIZER" --batch_size "$BATCH" \
-    --max_length "${MAX_LENGTH:-1024}" --warmup_steps 2 --steps "${STEPS:-5}" --json "$OUT/bench_gpu.json" 2>&1 \
+    --max_length "${MAX_LENGTH:-1024}" --warmup_steps 2 --steps "${STEPS:-5}" --rounds "${ROUNDS:-2}" --json "$OUT/bench_gpu.json" 2>&1 \
     | filter "$OUT/bench_gpu.log" || echo "the benchmark failed or ran past ${BENCH_T} s"
 
 [ "${TRAIN_STEPS:-40}" -gt 0 ] || exit 0

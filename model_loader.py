@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from batching import collate, eval_batches
 from beta_head import DynamicBetaDPOModel
 from data import DataError, check_hub
+from fused_layers import fuse_layers
 from registry import BETA_MODES
 
 
@@ -260,6 +261,8 @@ def build_model(cfg: dict, device: torch.device, dtype: torch.dtype | None, ckpt
         mode = BETA_MODES[cfg["beta_mode"]].from_config(cfg, policy.config.get_text_config().hidden_size)
     if training and cfg.get("gradient_checkpointing"):
         enable_checkpointing(policy)
+    if training and not cfg.get("no_fused_layers", False):
+        fuse_layers(policy)  # the same numbers with less kept for backward (fused_layers.py)
     model = DynamicBetaDPOModel(policy, None, reference, cfg["beta"], cfg["beta_min"], cfg["beta_max"],
                                 share_prompt=not cfg.get("no_prompt_sharing", False),
                                 label_smoothing=cfg.get("label_smoothing", 0.0), mode=mode)

@@ -45,6 +45,7 @@ from batching import PairBatchSampler, collate
 from beta_head import DynamicBetaDPOModel
 from checkpoint import (check_resume, complete_checkpoints, is_complete, load_trainer_state, prune_checkpoints,
                         record_segment, resolve_resume, save_checkpoint)
+from cpu_memory import set_mmap_threshold
 from data import DataError, load_splits
 from fsdp import all_finite, clip_grad_norm_, gathered, gathered_optimizer_state, shard_optimizer_state, shard_policy
 from losses import summarize
@@ -109,6 +110,10 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="auto = bf16 autocast with fp32 master weights on CUDA and on CPUs with bf16 matmul "
                         "instructions (AVX512-BF16, AMX), else fp32")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute the policy's layer activations in backward (less memory, ~30%% slower)")
+    g.add_argument("--no_fused_layers", action="store_true",
+                   help="keep Hugging Face's own MLP and RMSNorm forwards. By default the policy's gated SiLU MLPs keep only "
+                        "gate and up for backward (the same values and gradients) and its RMSNorms only x and 1/rms (the "
+                        "same values, gradients to fp32 rounding): a third less activation memory (fused_layers.py)")
     g.add_argument("--lora_r", type=int, default=0, help="LoRA rank (0 = full fine-tuning); the reference is then the policy with adapters off")
     g.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA alpha")
     g.add_argument("--lora_target_modules", default="all-linear", help="comma-separated module names, or all-linear (LoRA only)")
@@ -120,6 +125,10 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="shard the policy across processes with PyTorch FSDP2 (launch >= 2 processes): full_shard "
                         "shards parameters, gradients and optimizer state (like ZeRO-3); shard_grad_op keeps parameters "
                         "gathered from forward to the end of backward (like ZeRO-2). BetaHead and reference stay whole")
+    g.add_argument("--mmap_threshold_mb", type=float, default=0.0,
+                   help="on CPU (Linux, glibc): allocations of at least this many MB (e.g. 1) get their own memory "
+                        "mappings, returned to the system when freed, instead of glibc's heap, which keeps them: less "
+                        "peak RSS for a slower step (cpu_memory.py, README 'Performance'). 0 = glibc's default")
     g.add_argument("--precompute_ref", action="store_true",
                    help="compute reference log-probs once (cached on disk, reused by later runs) and train without a reference model")
     g.add_argument("--ref_cache_dir", default=os.path.join("runs", "ref_cache"), help="where --precompute_ref keeps its caches")
@@ -346,6 +355,8 @@ def main(argv=None):
     accelerator = make_accelerator(args.precision, args.report_to, os.path.join(args.output_dir, "tb"))
     args.precision = "bf16" if accelerator.mixed_precision == "bf16" else "fp32"  # 'auto' as decided, for the record
     check_launch(args, accelerator)
+    if accelerator.device.type == "cpu":
+        set_mmap_threshold(args.mmap_threshold_mb)  # before the model: then its freed activations leave the process
     resume = setup_run_dir(args, accelerator)
     rows = load_splits(args.dataset, args.split, args.eval_split, args.eval_fraction, args.split_seed,
                        args.dataset_config, args.dataset_data_dir)  # bad data fails before any model loads

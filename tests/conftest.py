@@ -12,6 +12,10 @@ TOKENIZER_DIR = os.path.join(SHARED, "tokenizers", "deepseek-r1-distill-qwen")
 OLD_TEMPLATE = os.path.join(SHARED, "tokenizers", "deepseek-r1-distill-qwen-2025-01-template", "chat_template.jinja")
 HH_PAIRS = os.path.join(SHARED, "data", "hh-rlhf-harmless-base", "pairs-2000.jsonl.gz")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker (and per process it starts), so
+    os.environ["OMP_NUM_THREADS"] = "1"     # N workers share the cores instead of oversubscribing them, where
+    torch.set_num_threads(1)                # OpenMP's waiting threads slow every worker down many times over
+
 
 def small_qwen2(vocab_size: int = 128, seed: int = 0):
     """A random 2-layer Qwen2ForCausalLM with a small vocabulary, for unit tests (no tokenizer)."""

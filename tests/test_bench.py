@@ -23,7 +23,7 @@ def bench_env(tiny_qwen2_dir, deepseek_tokenizer_dir, tmp_path, **extra) -> dict
     hide.mkdir()
     (hide / "sitecustomize.py").write_text("import sys\nsys.modules['tensorboard'] = None  # as if not installed\n")
     return dict(os.environ, ARCH=tiny_qwen2_dir, TOKENIZER=deepseek_tokenizer_dir, DEVICE="cpu", MAX_LENGTH="48",
-                BATCH="2", STEPS="1", OUT=str(tmp_path), TRAIN_STEPS="2", TRAIN_LENGTH="64", DATA="demo",
+                BATCH="2", STEPS="1", ROUNDS="1", OUT=str(tmp_path), TRAIN_STEPS="2", TRAIN_LENGTH="64", DATA="demo",
                 PYTHONPATH=str(hide) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]) | extra
 

@@ -252,7 +252,7 @@ def test_the_committed_report_rebuilds_from_the_committed_results(tmp_path, monk
     shutil.copy(os.path.join(here, "report.md"), tmp_path / "report.md")
     monkeypatch.setattr(result_files, "HERE", str(tmp_path / "a" / "checkout" / "three" / "levels" / "deeper"))
     res = str(tmp_path / "results")
-    for experiment in ("e1", "e2", "bf16"):
+    for experiment in ("e1", "e2", "bf16", "fused"):
         E.rebuild(experiment, "", res)
     for phase in study.study_config()["phases"]:
         if glob.glob(os.path.join(res, "study", phase, "*.json")):  # every phase with committed results (one

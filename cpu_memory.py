@@ -8,7 +8,7 @@ blocks their own mappings, returned to the system when freed, and the next step 
 to map them again.
 
 Measured on 2 cores of an AMD EPYC (bench.py, ours-mmap against ours-learnable, 2026-12-08; README
-"Performance"): 1 MB gave 0.76 GB less peak RSS in fp32 (4.62 -> 3.86 GB) and 0.28 GB less in
+"Performance"): 1 MB gave 0.76 GB less peak RSS in fp32 (4.62 -> 3.86 GB) and 0.29 GB less in
 bf16, for a step 1.35x (fp32) and 1.38x (bf16) slower. So it is off by default: for runs that must
 fit a machine's memory.
 """

@@ -7,7 +7,7 @@ import os
 import sys
 
 from experiment_configs import EXPERIMENTS, flags
-from result_files import config_of, curve, save_figure, shown_path, splice, write_text
+from result_files import config_of, curve, save_report, shown_path, splice
 
 
 def report_bf16(results_dir: str) -> None:
@@ -55,10 +55,5 @@ def report_bf16(results_dir: str) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("bf16 autocast vs fp32 (SmolLM2-135M, HH-RLHF; solid fixed, dashed learnable; faint: seed 1)")
     fig.tight_layout()
-    fig_dir = os.path.join(results_dir, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
-    save_figure(fig, os.path.join(fig_dir, "bf16_curves.png"))
-    write_text(os.path.join(results_dir, "bf16.md"), "\n".join(rows) + "\n")
+    save_report(results_dir, "bf16", fig, rows)
     splice(results_dir, "bf16", "\n".join(rows[1:]))
-    print("\n".join(rows))
-    print(f"wrote {results_dir}/bf16.md and {fig_dir}/bf16_curves.png")

@@ -8,7 +8,7 @@ import os
 import sys
 
 from experiment_configs import EXPERIMENTS, flags
-from result_files import config_of, curve, save_figure, shown_path, write_text
+from result_files import config_of, curve, save_report, shown_path
 
 
 def report_fused(results_dir: str) -> None:
@@ -55,9 +55,4 @@ def report_fused(results_dir: str) -> None:
     dx.legend(fontsize=8)
     fig.suptitle("fused layers vs Hugging Face's (SmolLM2-135M, HH-RLHF, learnable beta)")
     fig.tight_layout()
-    fig_dir = os.path.join(results_dir, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
-    save_figure(fig, os.path.join(fig_dir, "fused_curves.png"))
-    write_text(os.path.join(results_dir, "fused.md"), "\n".join(rows) + "\n")
-    print("\n".join(rows))
-    print(f"wrote {results_dir}/fused.md and {fig_dir}/fused_curves.png")
+    save_report(results_dir, "fused", fig, rows)

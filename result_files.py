@@ -70,6 +70,16 @@ def save_figure(fig, path: str) -> None:
     plt.close(fig)
 
 
+def save_report(results_dir: str, name: str, fig, rows: list[str]) -> None:
+    """An experiment's table and figure: results_dir/NAME.md and results_dir/figures/NAME_curves.png."""
+    fig_dir = os.path.join(results_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    save_figure(fig, os.path.join(fig_dir, f"{name}_curves.png"))
+    write_text(os.path.join(results_dir, f"{name}.md"), "\n".join(rows) + "\n")
+    print("\n".join(rows))
+    print(f"wrote {results_dir}/{name}.md and {fig_dir}/{name}_curves.png")
+
+
 def splice(results_dir: str, block: str, text: str) -> None:
     """Put text between <!-- BEGIN block --> and <!-- END block --> in the report.md beside
     results_dir, so the report's tables are always the ones rebuilt from results/."""
